@@ -1,0 +1,991 @@
+"""PyTorch DeBERTa (v1, v2, v3) for Hugging Face Transformers.
+
+Read top to bottom: relative positions -> disentangled attention -> layer -> encoder -> base model -> heads
+(Enhanced Mask Decoder masked-LM, sequence / token classification, question answering, multiple choice,
+replaced-token detection).
+
+Notation in shape comments: B batch, N sequence length, H heads, D head size, C hidden size, S relative span
+(the relative embedding table has 2S rows), V vocabulary.
+
+This file is copied next to the weights by `save_pretrained` for `trust_remote_code` loading, so it imports only
+torch, transformers and its sibling files.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+from transformers.utils import ModelOutput
+
+from .configuration_deberta_custom import DebertaCustomConfig
+from .convert import load_official_checkpoint, resolve_official_config
+
+try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x initialises before loading, so plain torch initialisers are right
+    from torch.nn import init
+
+
+# Every Auto class this file serves, as written into a saved config's `auto_map` ("file.ClassName").
+AUTO_MAP = {
+    "AutoConfig": "configuration_deberta_custom.DebertaCustomConfig",
+    "AutoModel": "modeling_deberta_custom.DebertaCustomModel",
+    "AutoModelForMaskedLM": "modeling_deberta_custom.DebertaCustomForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_deberta_custom.DebertaCustomForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_deberta_custom.DebertaCustomForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_deberta_custom.DebertaCustomForQuestionAnswering",
+    "AutoModelForMultipleChoice": "modeling_deberta_custom.DebertaCustomForMultipleChoice",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Relative positions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: int) -> torch.Tensor:
+    """Map signed distances to log buckets: |delta| below num_buckets // 2 stays as it is, larger distances grow
+    logarithmically so that |delta| = max_position - 1 lands on the last bucket. Distances beyond max_position are
+    not clamped first (transformers' behaviour); the caller clamps the final table index instead."""
+    mid = num_buckets // 2
+    abs_delta = delta.abs()
+    # Float32 throughout, as the reference implementations compute it: the ceil below sits on bucket edges.
+    log_ratio = torch.log(abs_delta.clamp(min=mid).float() / mid)
+    log_span = torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32, device=delta.device))
+    log_bucket = torch.ceil(log_ratio / log_span * (mid - 1)) + mid
+    return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
+
+
+def relative_position_index(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
+    """[Nq, Nk] index of each (query i, key j) pair into the 2S-row relative embedding table: the (bucketed)
+    distance i - j shifted by S and clamped to the table. c2p and p2c both read this one index."""
+    span = config.relative_span
+    # Distances only depend on i - j: bucket the 2N - 1 distinct values once, then broadcast.
+    distances = torch.arange(-(key_length - 1), query_length, device=device)  # [Nq + Nk - 1]
+    if config.position_buckets > 0:
+        distances = log_bucket_positions(distances, config.position_buckets, config.max_relative_distance)
+    table = (distances + span).clamp(0, 2 * span - 1)
+    query_ids = torch.arange(query_length, device=device)[:, None]
+    key_ids = torch.arange(key_length, device=device)[None, :]
+    return table[query_ids - key_ids + key_length - 1]  # [Nq, Nk]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Disentangled attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention(query, key, value, scores_bias, key_mask, scale, dropout, training):
+    """Reference path. query/key/value [B, H, N, D]; scores_bias [B, H, Nq, Nk] or None; key_mask [B, 1, 1, Nk]
+    (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if scores_bias is not None:
+        scores = scores + scores_bias
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value), probs
+
+
+def sdpa_attention(query, key, value, scores_bias, key_mask, scale, dropout, training):
+    """Same maths through torch's fused scaled_dot_product_attention, the position scores entering as an additive
+    mask. Does not return probabilities."""
+    if scores_bias is None:
+        attn_mask = key_mask
+    else:
+        attn_mask = scores_bias.masked_fill(~key_mask, torch.finfo(scores_bias.dtype).min)
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout if training else 0.0, scale=scale
+    )
+    return context, None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+class DebertaCustomSelfAttention(nn.Module):
+    """Scores = (Q_c K_c^T + c2p + p2c) / sqrt(D * (1 + number of position terms)), where
+    c2p[i, j] = Q_c[i] . K_r[idx(i, j)] and p2c[i, j] = K_c[j] . Q_r[idx(i, j)] (idx from relative_position_index)."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.head_size
+        inner_size = self.num_heads * self.head_size
+        self.fused_projection = config.attention_variant == "v1"
+        self.pos_att_type = config.pos_att_type if config.relative_attention else []
+        # As in the reference implementations, the scale counts the configured position terms.
+        self.scale = 1.0 / math.sqrt(self.head_size * (1 + len(config.pos_att_type)))
+
+        if self.fused_projection:  # v1: one matrix, rows interleaved per head as [q_h, k_h, v_h]
+            self.in_proj = nn.Linear(config.hidden_size, 3 * inner_size, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(inner_size))
+            self.v_bias = nn.Parameter(torch.zeros(inner_size))
+        else:
+            self.query_proj = nn.Linear(config.hidden_size, inner_size)
+            self.key_proj = nn.Linear(config.hidden_size, inner_size)
+            self.value_proj = nn.Linear(config.hidden_size, inner_size)
+
+        if self.pos_att_type:
+            self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
+            if self.fused_projection:
+                if "c2p" in self.pos_att_type:
+                    self.pos_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+                if "p2c" in self.pos_att_type:
+                    self.pos_q_proj = nn.Linear(config.hidden_size, inner_size)
+            elif not config.share_att_key:
+                if "c2p" in self.pos_att_type:
+                    self.pos_key_proj = nn.Linear(config.hidden_size, inner_size)
+                if "p2c" in self.pos_att_type:
+                    self.pos_query_proj = nn.Linear(config.hidden_size, inner_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-2, -3)  # [..., N, C] -> [..., H, N, D]
+
+    def project_content(self, hidden_states, query_states):
+        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D]."""
+        if not self.fused_projection:
+            return (
+                self.split_heads(self.query_proj(query_states)),
+                self.split_heads(self.key_proj(hidden_states)),
+                self.split_heads(self.value_proj(hidden_states)),
+            )
+        # [3 * H * D, C] -> [H, 3, D, C]: the fused rows hold q, k, v per head
+        weight = self.in_proj.weight.view(self.num_heads, 3, self.head_size, -1)
+        query_weight, key_weight, value_weight = (weight[:, i].reshape(-1, weight.shape[-1]) for i in range(3))
+        return (
+            self.split_heads(F.linear(query_states, query_weight, self.q_bias)),
+            self.split_heads(F.linear(hidden_states, key_weight)),
+            self.split_heads(F.linear(hidden_states, value_weight, self.v_bias)),
+        )
+
+    def project_positions(self, rel_embeddings):
+        """Relative embeddings [2S, C] -> (position keys for c2p, position queries for p2c), each [H, 2S, D] or None."""
+        rel_embeddings = self.pos_dropout(rel_embeddings)
+        pos_key = pos_query = None
+        if self.fused_projection:
+            key_proj, query_proj = getattr(self, "pos_proj", None), getattr(self, "pos_q_proj", None)
+        elif self.config.share_att_key:
+            key_proj, query_proj = self.key_proj, self.query_proj
+        else:
+            key_proj, query_proj = getattr(self, "pos_key_proj", None), getattr(self, "pos_query_proj", None)
+        if "c2p" in self.pos_att_type:
+            pos_key = self.split_heads(key_proj(rel_embeddings))
+        if "p2c" in self.pos_att_type:
+            pos_query = self.split_heads(query_proj(rel_embeddings))
+        return pos_key, pos_query
+
+    def position_scores(self, query, key, rel_index, rel_embeddings):
+        """c2p + p2c, scaled: [B, H, Nq, Nk]. Products are taken against the 2S table rows (N x 2S, cheap), then
+        gathered at each pair's index."""
+        pos_key, pos_query = self.project_positions(rel_embeddings)
+        batch, heads, query_length, key_length = query.shape[0], self.num_heads, query.shape[-2], key.shape[-2]
+        scores = None
+        if pos_key is not None:
+            c2p_table = torch.matmul(query, pos_key.transpose(-1, -2))  # [B, H, Nq, 2S]
+            index = rel_index.expand(batch, heads, query_length, key_length)
+            scores = torch.gather(c2p_table, -1, index)
+        if pos_query is not None:
+            p2c_table = torch.matmul(key, pos_query.transpose(-1, -2))  # [B, H, Nk, 2S]
+            # p2c[i, j] = p2c_table[j, idx(i, j)]: gather along keys' rows with the transposed index
+            index = rel_index.transpose(-1, -2).expand(batch, heads, key_length, query_length)
+            p2c = torch.gather(p2c_table, -1, index).transpose(-1, -2)  # [B, H, Nq, Nk]
+            scores = p2c if scores is None else scores + p2c
+        return scores * self.scale
+
+    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+                output_attentions=False):
+        if query_states is None:
+            query_states = hidden_states
+        query, key, value = self.project_content(hidden_states, query_states)
+        scores_bias = None
+        if self.pos_att_type:
+            scores_bias = self.position_scores(query, key, rel_index, rel_embeddings)
+
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation not in ATTENTION_FUNCTIONS:
+            implementation = "eager"
+        context, probs = ATTENTION_FUNCTIONS[implementation](
+            query, key, value, scores_bias, key_mask, self.scale, self.attention_dropout, self.training
+        )
+        context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
+        return context, probs
+
+
+class DebertaCustomResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): closes both the attention and the feed-forward block."""
+
+    def __init__(self, config: DebertaCustomConfig, input_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, residual):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class DebertaCustomAttention(nn.Module):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.self = DebertaCustomSelfAttention(config)
+        self.output = DebertaCustomResidualOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+                output_attentions=False):
+        context, probs = self.self(hidden_states, key_mask, rel_index, rel_embeddings, query_states, output_attentions)
+        # The residual is the query: in EMD passes it is the decoder's query, not the keys.
+        residual = hidden_states if query_states is None else query_states
+        return self.output(context, residual), probs
+
+
+class DebertaCustomIntermediate(nn.Module):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states))
+
+
+class DebertaCustomLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.attention = DebertaCustomAttention(config)
+        self.intermediate = DebertaCustomIntermediate(config)
+        self.output = DebertaCustomResidualOutput(config, config.intermediate_size)
+
+    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+                output_attentions=False):
+        attention_output, probs = self.attention(
+            hidden_states, key_mask, rel_index, rel_embeddings, query_states, output_attentions
+        )
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class DebertaCustomConvLayer(nn.Module):
+    """v2-xlarge and larger: a 1-D convolution over the embeddings, added to the first layer's output."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        kernel = config.conv_kernel_size
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel, padding=kernel // 2,
+                              groups=config.conv_groups)
+        self.activation = ACT2FN[config.conv_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, embeddings, layer_output, token_mask):
+        # token_mask: [B, N, 1] in the hidden dtype, 0 at padding
+        conv_output = self.conv(embeddings.transpose(1, 2)).transpose(1, 2) * token_mask  # [B, N, C]
+        conv_output = self.activation(self.dropout(conv_output))
+        return self.LayerNorm(layer_output + conv_output) * token_mask
+
+
+class DebertaCustomEncoder(nn.Module):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([DebertaCustomLayer(config) for _ in range(config.num_hidden_layers)])
+        if config.relative_attention:
+            self.rel_embeddings = nn.Embedding(2 * config.relative_span, config.hidden_size)
+        if config.norm_rel_ebd == "layer_norm":  # exists even without relative attention, as in the checkpoints
+            self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.conv = DebertaCustomConvLayer(config) if config.conv_kernel_size > 0 else None
+
+    def relative_embeddings(self):
+        """The relative embedding table [2S, C] as the attention layers read it, or None."""
+        if not self.config.relative_attention:
+            return None
+        table = self.rel_embeddings.weight
+        return self.LayerNorm(table) if self.config.norm_rel_ebd == "layer_norm" else table
+
+    def relative_index(self, length, device):
+        if not self.config.relative_attention:
+            return None
+        return relative_position_index(length, length, self.config, device)
+
+    def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
+        # A row with no real token attends to every position rather than to none, so that softmax stays finite.
+        key_mask = token_mask | ~token_mask.any(-1, keepdim=True)
+        key_mask = key_mask[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
+        rel_index = self.relative_index(embeddings.shape[1], embeddings.device)
+        rel_embeddings = self.relative_embeddings()
+
+        all_hidden_states = (embeddings,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        hidden_states = embeddings
+        for i, layer in enumerate(self.layer):
+            hidden_states, probs = layer(hidden_states, key_mask, rel_index, rel_embeddings,
+                                         output_attentions=output_attentions)
+            if i == 0 and self.conv is not None:
+                hidden_states = self.conv(embeddings, hidden_states, token_mask[..., None].to(hidden_states.dtype))
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probs,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embeddings and the base model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DebertaCustomEmbeddings(nn.Module):
+    """Word (+ absolute position when position_biased_input) (+ token type) -> [embed_proj] -> LayerNorm -> mask.
+    The absolute position table always exists: the Enhanced Mask Decoder adds it before the last layer."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.config = config
+        size = config.word_embedding_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, size)
+        if config.type_vocab_size > 0:
+            self.token_type_embeddings = nn.Embedding(config.type_vocab_size, size)
+        if size != config.hidden_size:
+            self.embed_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, token_mask):
+        embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.position_biased_input:
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.config.type_vocab_size > 0:
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        if self.config.word_embedding_size != self.config.hidden_size:
+            embeddings = self.embed_proj(embeddings)
+        embeddings = self.LayerNorm(embeddings) * token_mask[..., None].to(embeddings.dtype)
+        return self.dropout(embeddings)
+
+
+def _check_integer_ids(name, ids, upper, what):
+    """Ids must be integers in [0, upper). Skipped while compiling: the range check needs a host sync."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} holds values in [{low}, {high}], outside [0, {upper - 1}] ({what})")
+
+
+class DebertaCustomPreTrainedModel(PreTrainedModel):
+    config_class = DebertaCustomConfig
+    base_model_prefix = "deberta"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["DebertaCustomLayer", "DebertaCustomEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DebertaCustomSelfAttention) and module.fused_projection:
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+        elif isinstance(module, (DebertaCustomLMPredictionHead, DebertaCustomRTDHead)) and hasattr(module, "bias"):
+            init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Writes a Hub-ready folder: weights, config with the full `auto_map` (the config and every head, so one
+        repo serves every Auto class), and the code files for `trust_remote_code=True` loading."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Also accepts official checkpoints: a folder or Hub repo whose config.json has model_type `deberta-v2` or
+        `deberta` (the microsoft/deberta-* repos, or transformers' own save_pretrained). Those go through
+        `convert.load_official_checkpoint`, which keeps every weight (absolute positions, the masked-LM and RTD
+        heads) and reports truncated or mismatched files by name."""
+        official_config = resolve_official_config(pretrained_model_name_or_path, kwargs)
+        if official_config is not None:
+            return load_official_checkpoint(cls, pretrained_model_name_or_path, official_config, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _validate_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+        """Turn bad input into errors that name the problem instead of failures deep inside torch."""
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            _check_integer_ids("input_ids", input_ids, config.vocab_size, f"vocab_size={config.vocab_size}")
+            shape = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.word_embedding_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, length, {config.word_embedding_size}], "
+                    f"got shape {tuple(inputs_embeds.shape)}"
+                )
+            shape = inputs_embeds.shape[:2]
+        if shape[1] == 0:
+            raise ValueError("The input sequence is empty (length 0)")
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                             ("position_ids", position_ids)):
+            if tensor is not None and tensor.shape != shape and not (name == "position_ids" and tensor.shape == shape[1:]):
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the input ids are {tuple(shape)}")
+        if attention_mask is not None and attention_mask.is_floating_point():
+            if not torch.compiler.is_compiling() and not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold only 0 and 1")
+        # Token types are ignored when the model has none (type_vocab_size 0), as tokenizers emit them for pairs.
+        if token_type_ids is not None and config.type_vocab_size > 0:
+            _check_integer_ids("token_type_ids", token_type_ids, config.type_vocab_size,
+                               f"type_vocab_size={config.type_vocab_size}")
+        if config.position_biased_input:
+            limit = config.max_position_embeddings
+            if position_ids is None and shape[1] > limit:
+                raise ValueError(
+                    f"Sequence length {shape[1]} exceeds max_position_embeddings={limit}: this model adds absolute "
+                    "positions at the input; truncate the input"
+                )
+            if position_ids is not None:
+                _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
+        return shape
+
+    def _default_position_ids(self, length, device):
+        return torch.arange(length, device=device)[None, :]  # [1, N], broadcast over the batch
+
+
+class DebertaCustomModel(DebertaCustomPreTrainedModel):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        self.embeddings = DebertaCustomEmbeddings(config)
+        self.encoder = DebertaCustomEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings.word_embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        batch, length = self._validate_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+
+        token_mask = (
+            torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        )
+        if position_ids is None:
+            position_ids = self._default_position_ids(length, device)
+        if token_type_ids is None and self.config.type_vocab_size > 0:
+            token_type_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, token_mask)
+        outputs = self.encoder(embeddings, token_mask, output_attentions, output_hidden_states)
+        if not return_dict:
+            return tuple(v for v in outputs.to_tuple())
+        return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DebertaCustomLMPredictionHead(nn.Module):
+    """dense -> activation -> LayerNorm -> tied word-embedding decoder + bias. State-dict names follow the official
+    checkpoints: `lm_predictions.lm_head.{dense,LayerNorm,bias}`."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.word_embedding_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.word_embedding_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states, word_embeddings: nn.Embedding):
+        hidden_states = self.LayerNorm(self.activation(self.dense(hidden_states)))
+        return F.linear(hidden_states, word_embeddings.weight, self.bias)  # [..., V]
+
+
+class DebertaCustomOnlyMLMHead(nn.Module):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.lm_head = DebertaCustomLMPredictionHead(config)
+
+
+class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
+    """Masked-LM with the Enhanced Mask Decoder (EMD, paper section 3.2) when absolute positions are not at the input:
+    keys and values are the second-to-last layer's output; the first query is that output plus the absolute position
+    embedding; the last encoder layer is applied `emd_num_passes` times with shared weights, each output becoming the
+    next query; the LM head reads the final pass. With position_biased_input (or use_enhanced_mask_decoder false) the
+    head reads the last layer."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        if config.uses_enhanced_mask_decoder and config.word_embedding_size != config.hidden_size:
+            raise ValueError("The Enhanced Mask Decoder needs embedding_size == hidden_size (it adds absolute position "
+                             f"embeddings to hidden states); got {config.embedding_size} and {config.hidden_size}")
+        self.deberta = DebertaCustomModel(config)
+        self.lm_predictions = DebertaCustomOnlyMLMHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.deberta.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.deberta.embeddings.word_embeddings = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, **kwargs):
+        """The decoder is the word-embedding matrix itself, so only the output bias needs resizing alongside it."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+        _resize_vector(self.lm_predictions.lm_head, "bias", embeddings.num_embeddings)
+        return embeddings
+
+    def enhanced_mask_decoder(self, hidden_states, token_mask, position_ids):
+        """hidden_states: all layer outputs from the encoder. Returns the final decoder pass [B, N, C]."""
+        encoder = self.deberta.encoder
+        context = hidden_states[-2]  # keys and values: the second-to-last layer
+        query = context + self.deberta.embeddings.position_embeddings(position_ids)
+        key_mask = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]
+        rel_index = encoder.relative_index(context.shape[1], context.device)
+        rel_embeddings = encoder.relative_embeddings()
+        last_layer = encoder.layer[-1]
+        for _ in range(self.config.emd_num_passes):
+            query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query_states=query)
+        return query
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        use_emd = self.config.uses_enhanced_mask_decoder
+        outputs = self.deberta(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=True if use_emd else output_hidden_states,
+            return_dict=True,
+        )
+        if use_emd:
+            batch, length = outputs.last_hidden_state.shape[:2]
+            limit = self.config.max_position_embeddings
+            if position_ids is None:
+                if length > limit:
+                    raise ValueError(f"Sequence length {length} exceeds max_position_embeddings={limit}, which the "
+                                     "Enhanced Mask Decoder needs for absolute positions; truncate the input")
+                position_ids = self._default_position_ids(length, outputs.last_hidden_state.device)
+            else:
+                _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
+            token_mask = (
+                attention_mask.bool() if attention_mask is not None
+                else torch.ones(batch, length, dtype=torch.bool, device=outputs.last_hidden_state.device)
+            )
+            sequence_output = self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
+        else:
+            sequence_output = outputs.last_hidden_state
+
+        word_embeddings = self.deberta.embeddings.word_embeddings
+        loss = None
+        if labels is not None:
+            _check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
+            labelled = labels != -100
+            if self.training and self.config.sparse_mlm_logits:
+                # Vocabulary logits only where there is a label: the V-wide projection dominates memory otherwise.
+                logits = self.lm_predictions.lm_head(sequence_output[labelled], word_embeddings)  # [M, V]
+                loss = F.cross_entropy(logits.float(), labels[labelled])
+            else:
+                logits = self.lm_predictions.lm_head(sequence_output, word_embeddings)  # [B, N, V]
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        else:
+            logits = self.lm_predictions.lm_head(sequence_output, word_embeddings)
+
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = tuple(v for v in (logits, hidden_states, outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions)
+
+
+def _resize_vector(module, name, new_size):
+    """Resize a 1-D parameter (an output bias) to new_size, keeping old values and zero-filling new entries."""
+    old = getattr(module, name)
+    if old.shape[0] == new_size:
+        return
+    new = torch.zeros(new_size, dtype=old.dtype, device=old.device)
+    keep = min(new_size, old.shape[0])
+    new[:keep] = old.data[:keep]
+    setattr(module, name, nn.Parameter(new))
+
+
+def _check_labels(labels, expected_shape, num_classes, name):
+    """Class labels: integers in [0, num_classes) or -100 (ignored), of the expected shape."""
+    if labels.is_floating_point():
+        raise TypeError(f"{name} must be integer class ids for this head, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(expected_shape)}")
+    if torch.compiler.is_compiling():
+        return
+    valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
+    if not bool(valid.all()):
+        bad = labels[~valid][0].item()
+        raise ValueError(f"{name} holds {bad}, outside [0, {num_classes - 1}] (use -100 to ignore a position)")
+
+
+class DebertaCustomContextPooler(nn.Module):
+    """First token -> dropout -> dense -> activation."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        size = config.pooler_hidden_size or config.hidden_size
+        self.dense = nn.Linear(config.hidden_size, size)
+        self.dropout = nn.Dropout(config.pooler_dropout)
+        self.activation = ACT2FN[config.pooler_hidden_act]
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(self.dropout(hidden_states[:, 0])))
+
+
+def _classifier_dropout(config: DebertaCustomConfig) -> nn.Dropout:
+    return nn.Dropout(config.hidden_dropout_prob if config.cls_dropout is None else config.cls_dropout)
+
+
+class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
+    """Pooled first token -> classifier. The loss follows config.problem_type as transformers does: regression
+    (MSE), single_label_classification (cross-entropy) or multi_label_classification (BCE with logits); when unset
+    it is inferred from num_labels and the labels' dtype."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.deberta = DebertaCustomModel(config)
+        self.pooler = DebertaCustomContextPooler(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.pooler_hidden_size or config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_attentions, output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))  # [B, num_labels]
+        loss = None if labels is None else self.sequence_classification_loss(logits, labels)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
+
+    def sequence_classification_loss(self, logits, labels):
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        batch = logits.shape[0]
+        if problem_type == "regression":
+            if labels.numel() != batch * self.num_labels:
+                raise ValueError(f"Regression labels have shape {tuple(labels.shape)}; expected {batch} x "
+                                 f"{self.num_labels} values")
+            return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+        if problem_type == "single_label_classification":
+            if labels.dim() == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            _check_labels(labels, (batch,), self.num_labels, "labels")
+            return F.cross_entropy(logits.float(), labels)
+        if problem_type == "multi_label_classification":
+            if tuple(labels.shape) != (batch, self.num_labels):
+                raise ValueError(f"Multi-label labels have shape {tuple(labels.shape)}, expected "
+                                 f"{(batch, self.num_labels)}")
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        raise ValueError(f"Unknown config.problem_type {problem_type!r}")
+
+
+class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.deberta = DebertaCustomModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_attentions, output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # [B, N, num_labels]
+        loss = None
+        if labels is not None:
+            _check_labels(labels, logits.shape[:2], self.num_labels, "labels")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
+    """Span extraction: start and end logits per token. Positions outside the sequence are ignored in the loss."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"Question answering needs num_labels=2 (start, end), got {config.num_labels}")
+        self.deberta = DebertaCustomModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_attentions, output_hidden_states, return_dict=True)
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)  # 2 x [B, N]
+        loss = None
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("Pass both start_positions and end_positions, or neither")
+        if start_positions is not None:
+            length = start_logits.shape[1]
+            positions = []
+            for name, value in (("start_positions", start_positions), ("end_positions", end_positions)):
+                if value.is_floating_point():
+                    raise TypeError(f"{name} must be integer token positions, got dtype {value.dtype}")
+                value = value.reshape(-1)
+                if value.shape[0] != start_logits.shape[0]:
+                    raise ValueError(f"{name} has {value.shape[0]} entries for a batch of {start_logits.shape[0]}")
+                positions.append(value.clamp(0, length))  # length = ignored: the answer is not in this window
+            loss = (F.cross_entropy(start_logits.float(), positions[0], ignore_index=length)
+                    + F.cross_entropy(end_logits.float(), positions[1], ignore_index=length)) / 2
+        if not return_dict:
+            output = (start_logits, end_logits) + tuple(
+                v for v in (outputs.hidden_states, outputs.attentions) if v is not None
+            )
+            return (loss,) + output if loss is not None else output
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
+    """Inputs [B, num_choices, N]: each choice is encoded, pooled and scored; softmax over choices."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        self.deberta = DebertaCustomModel(config)
+        self.pooler = DebertaCustomContextPooler(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.pooler_hidden_size or config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        expected_rank = 3 if input_ids is not None else 4
+        if reference.dim() != expected_rank:
+            raise ValueError(
+                f"Multiple choice takes {'input_ids' if input_ids is not None else 'inputs_embeds'} of rank "
+                f"{expected_rank} ([batch, num_choices, length{', hidden' if expected_rank == 4 else ''}]), "
+                f"got shape {tuple(reference.shape)}"
+            )
+        batch, num_choices = reference.shape[:2]
+
+        def flatten(tensor):  # [B, K, N, ...] -> [B * K, N, ...]
+            return None if tensor is None else tensor.reshape(batch * num_choices, *tensor.shape[2:])
+
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                             ("position_ids", position_ids)):
+            if tensor is not None and tuple(tensor.shape) != tuple(reference.shape[:3]):
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape[:3])}")
+        outputs = self.deberta(flatten(input_ids), flatten(attention_mask), flatten(token_type_ids),
+                               flatten(position_ids), flatten(inputs_embeds), output_attentions,
+                               output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))  # [B * K, 1]
+        logits = logits.view(batch, num_choices)
+        loss = None
+        if labels is not None:
+            _check_labels(labels, (batch,), num_choices, "labels")
+            loss = F.cross_entropy(logits.float(), labels)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions)
+
+
+class DebertaCustomRTDHead(nn.Module):
+    """Replaced-token-detection head (DeBERTaV3), official names `mask_predictions.{dense,LayerNorm,classifier}`:
+    LayerNorm(h + h[CLS]) -> dense -> activation -> one logit per token."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden_states):
+        hidden_states = self.LayerNorm(hidden_states + hidden_states[:, :1])
+        return self.classifier(self.activation(self.dense(hidden_states))).squeeze(-1)  # [B, N]
+
+
+
+@dataclass
+class ReplacedTokenDetectionOutput(ModelOutput):
+    """loss: BCE over non-padding tokens; logits [B, N]: > 0 means "replaced"."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
+    """The DeBERTaV3 discriminator: one logit per token saying whether it was replaced. `labels` [B, N] hold 1
+    (replaced), 0 (original) or -100 (ignored); padding never counts."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__(config)
+        self.deberta = DebertaCustomModel(config)
+        self.mask_predictions = DebertaCustomRTDHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_attentions, output_hidden_states, return_dict=True)
+        logits = self.mask_predictions(outputs.last_hidden_state)  # [B, N]
+        loss = None
+        if labels is not None:
+            _check_labels(labels, logits.shape, 2, "labels")
+            counted = labels != -100
+            if attention_mask is not None:
+                counted = counted & attention_mask.bool()
+            loss = F.binary_cross_entropy_with_logits(logits[counted].float(), labels[counted].float())
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return ReplacedTokenDetectionOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                            attentions=outputs.attentions)
+
+
+__all__ = [
+    "DebertaCustomPreTrainedModel",
+    "DebertaCustomModel",
+    "DebertaCustomForMaskedLM",
+    "DebertaCustomForSequenceClassification",
+    "DebertaCustomForTokenClassification",
+    "DebertaCustomForQuestionAnswering",
+    "DebertaCustomForMultipleChoice",
+    "DebertaCustomForReplacedTokenDetection",
+]
