@@ -28,7 +28,6 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig

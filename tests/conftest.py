@@ -1,0 +1,70 @@
+"""Shared helpers for the test suite: tiny configs, official-layout folders written by transformers, and paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling_deberta_custom  # noqa: F401  (registers the Auto classes)
+from modeling_deberta_custom import DebertaCustomConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEBERTA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+requires_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"../shared/data not found at {SHARED_DATA} (set DEBERTA_SHARED_DATA)"
+)
+
+# A DeBERTa-v3-shaped model small enough for a unit test: buckets 8 so that 40 tokens already exceed the
+# bucket range and 100 tokens exceed max_position_embeddings.
+TINY_OFFICIAL_V2 = dict(
+    model_type="deberta-v2",
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    relative_attention=True,
+    position_buckets=8,
+    norm_rel_ebd="layer_norm",
+    share_att_key=True,
+    pos_att_type="p2c|c2p",
+    position_biased_input=False,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    legacy=False,
+)
+
+
+def tiny_config(**overrides) -> DebertaCustomConfig:
+    """Our config with the tiny geometry (dropout off so outputs are deterministic)."""
+    fields = {k: v for k, v in TINY_OFFICIAL_V2.items() if k not in ("model_type", "legacy")}
+    fields.update(overrides)
+    return DebertaCustomConfig(**fields)
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Move every parameter away from its initial value (zero biases, unit LayerNorms) so that tests see them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * scale)
+
+
+def random_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 0, pad_row: int | None = 1):
+    """Token ids in [1, vocab) with one row right-padded (id 0, mask 0) from half its length."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab_size, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if pad_row is not None and batch > pad_row:
+        input_ids[pad_row, length // 2:] = 0
+        attention_mask[pad_row, length // 2:] = 0
+    return input_ids, attention_mask
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
