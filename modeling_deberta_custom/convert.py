@@ -48,6 +48,16 @@ TRANSFORMERS_CLASS_SUFFIX = {
 }
 
 
+def is_required_weight(key: str, config) -> bool:
+    """Whether a checkpoint must provide this weight. Task heads may be newly initialised (fine-tuning starts that
+    way), and the absolute position table may be absent when positions are relative-only: transformers' own
+    save_pretrained drops it, and only the Enhanced Mask Decoder reads it."""
+    key = key.removeprefix("deberta.")
+    if key.startswith(HEAD_PREFIXES):
+        return False
+    return config.position_biased_input or key != "embeddings.position_embeddings.weight"
+
+
 def rename_official_key(key: str) -> str | None:
     """Our name for an official / transformers state-dict key, or None for keys that are not loaded."""
     if any(pattern.search(key) for pattern in _DROPPED):
@@ -174,9 +184,7 @@ def load_official_checkpoint(model_class, name_or_path, official_config: dict, *
         del state_dict[key]
 
     missing = [k for k in model_state if k not in state_dict]
-    # transformers' own save_pretrained drops the absolute table when positions are relative-only: only EMD needs it.
-    optional = () if config.position_biased_input else ("embeddings.position_embeddings.weight",)
-    missing_backbone = [k for k in missing if not k.startswith(HEAD_PREFIXES) and not k.endswith(optional)]
+    missing_backbone = [k for k in missing if is_required_weight(k, config)]
     if missing_backbone and not (ignore_mismatched_sizes and set(missing_backbone) <= {k for k, _, _ in mismatched}):
         raise ValueError(f"Checkpoint {source} lacks {len(missing_backbone)} weights of the model, such as "
                          f"{missing_backbone[:5]}: the file is truncated or holds a different architecture")

@@ -31,7 +31,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import load_official_checkpoint, resolve_official_config
+from .convert import is_required_weight, load_official_checkpoint, resolve_official_config
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
@@ -432,7 +432,22 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         official_config = resolve_official_config(pretrained_model_name_or_path, kwargs)
         if official_config is not None:
             return load_official_checkpoint(cls, pretrained_model_name_or_path, official_config, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except OSError:
+            raise  # missing files or repos: transformers' message already names them
+        except Exception as error:  # corrupt or truncated weight files surface as assorted reader errors
+            raise ValueError(f"Could not load the checkpoint in {pretrained_model_name_or_path}: {error}") from error
+        missing = [k for k in info["missing_keys"] if is_required_weight(k, model.config)]
+        if missing:
+            raise ValueError(
+                f"The checkpoint in {pretrained_model_name_or_path} lacks {len(missing)} weights of the model, such as "
+                f"{sorted(missing)[:5]}: the weight file is truncated or holds a different architecture"
+            )
+        return (model, info) if output_loading_info else model
 
     def _validate_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
         """Turn bad input into errors that name the problem instead of failures deep inside torch."""
