@@ -207,7 +207,10 @@ class DebertaCustomConfig(PretrainedConfig):
         """Also reads official configs (model_type `deberta-v2` / `deberta`), translating their fields."""
         if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES:
             config_dict = config_dict_from_official(config_dict)
-        return super().from_dict(config_dict, **kwargs)
+        result = super().from_dict(config_dict, **kwargs)
+        # Keyword overrides are applied after __init__, so check the final values again.
+        (result[0] if isinstance(result, tuple) else result).validate_fields()
+        return result
 
     def to_official_dict(self) -> dict:
         """The config as transformers' DebertaV2Config (or DebertaConfig for v1) reads it, every field explicit."""
@@ -218,6 +221,10 @@ class DebertaCustomConfig(PretrainedConfig):
             official.pop(field, None)
         official["model_type"] = "deberta" if self.attention_variant == "v1" else "deberta-v2"
         official["pooler_hidden_size"] = self.pooler_hidden_size or self.hidden_size
+        # transformers reads these with getattr(config, name, default): an explicit null would reach nn.Embedding /
+        # nn.Linear as a size, so write the resolved values.
+        official["embedding_size"] = self.word_embedding_size
+        official["attention_head_size"] = self.head_size
         official["legacy"] = False  # transformers then names its masked-LM head lm_predictions.lm_head, as we do
         return official
 

@@ -152,7 +152,11 @@ def load_official_checkpoint(model_class, name_or_path, official_config: dict, *
     attn_implementation = kwargs.pop("attn_implementation", None)
     output_loading_info = kwargs.pop("output_loading_info", False)
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-    kwargs.pop("trust_remote_code", None)
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, dict):
+        raise ValueError("Official checkpoints load onto one device: pass device_map as a device name, not a dict")
+    for ignored in ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors"):
+        kwargs.pop(ignored, None)
     if config is None:
         config, unused = DebertaCustomConfig.from_dict(official_config, return_unused_kwargs=True, **kwargs)
     elif isinstance(config, DebertaCustomConfig):
@@ -201,6 +205,9 @@ def load_official_checkpoint(model_class, name_or_path, official_config: dict, *
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = model.to(dtype or torch.float32)
+    if device_map is not None:
+        model = model.to("cuda" if device_map == "auto" and torch.cuda.is_available() else
+                         "cpu" if device_map == "auto" else device_map)
     model.eval()
     if output_loading_info:
         return model, {"missing_keys": missing, "unexpected_keys": unexpected,

@@ -13,6 +13,7 @@ torch, transformers and its sibling files.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import is_required_weight, load_official_checkpoint, resolve_official_config
+from .convert import HUB_KWARGS, _weight_files, is_required_weight, load_official_checkpoint, resolve_official_config
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
@@ -69,18 +70,82 @@ def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: in
     return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
 
 
-def relative_position_index(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
-    """[Nq, Nk] index of each (query i, key j) pair into the 2S-row relative embedding table: the (bucketed)
-    distance i - j shifted by S and clamped to the table. c2p and p2c both read this one index."""
+class RelativePositions(NamedTuple):
+    """Relative positions of a query sequence against a key sequence, prepared once per forward for every layer.
+
+    Scores depend on query i and key j only through the distance d = i - j, so positions are kept per distance:
+    `rows[d + Nk - 1]` is the row of the relative embedding table that distance d reads, for d from -(Nk - 1) up to
+    Nq - 1 ([Nq + Nk - 1]). Only rows [first_row, first_row + num_rows) of the table are ever read, and `rows` counts
+    from first_row: the attention layers project only that slice. `one_row_per_distance` is True when
+    rows == arange(num_rows) (no bucket merges two distances, none is clamped: sequences up to position_buckets / 2):
+    the projected slice is then already laid out by distance. `index` [Nq, Nk] and `index_t` [Nk, Nq] hold the
+    row of every pair (rows[i - j + Nk - 1]) and its transpose, materialised only when the fast path gathers."""
+
+    rows: torch.Tensor
+    first_row: int
+    num_rows: int
+    one_row_per_distance: bool
+    index: torch.Tensor | None = None
+    index_t: torch.Tensor | None = None
+
+
+def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
+    """[Nq + Nk - 1] row of the 2S-row relative embedding table for each distance d = i - j, from d = -(Nk - 1) up to
+    Nq - 1: the (bucketed) distance shifted by S and clamped to the table. c2p and p2c both read these rows."""
     span = config.relative_span
-    # Distances only depend on i - j: bucket the 2N - 1 distinct values once, then broadcast.
     distances = torch.arange(-(key_length - 1), query_length, device=device)  # [Nq + Nk - 1]
     if config.position_buckets > 0:
         distances = log_bucket_positions(distances, config.position_buckets, config.max_relative_distance)
-    table = (distances + span).clamp(0, 2 * span - 1)
-    query_ids = torch.arange(query_length, device=device)[:, None]
-    key_ids = torch.arange(key_length, device=device)[None, :]
-    return table[query_ids - key_ids + key_length - 1]  # [Nq, Nk]
+    return (distances + span).clamp(0, 2 * span - 1)
+
+
+def pair_index(rows: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """Per-distance values [Nq + Nk - 1] -> per-pair [Nq, Nk]: entry (i, j) is rows[i - j + Nk - 1]."""
+    query_ids = torch.arange(query_length, device=rows.device)[:, None]
+    key_ids = torch.arange(key_length, device=rows.device)[None, :]
+    return rows[query_ids - key_ids + key_length - 1]
+
+
+def relative_position_index(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
+    """[Nq, Nk] index of each (query i, key j) pair into the 2S-row relative embedding table."""
+    rows = relative_distance_rows(query_length, key_length, config, device)
+    return pair_index(rows, query_length, key_length)
+
+
+def _one_row_per_distance(query_length: int, key_length: int, config: DebertaCustomConfig) -> bool:
+    """True when every distance reads a row of its own: |d| up to position_buckets // 2 stays as it is in the log
+    buckets, and up to S - 1 nothing is clamped. Decided on Python ints, so it costs no host sync."""
+    longest = max(query_length, key_length) - 1
+    limit = config.position_buckets // 2 if config.position_buckets > 0 else config.relative_span - 1
+    return longest <= limit
+
+
+# The fast path lays the position products out by distance (N x (Nq + Nk - 1) products, no gather) while there are
+# at most this many distances per table row, and gathers from products against the table rows (N x 2S, then an
+# N x N gather for each term) beyond: measured on CPU (scripts/benchmark.py), gathers win from about 2048 tokens.
+DISTANCE_LAYOUT_MAX_RATIO = 2
+
+
+def uses_distance_layout(relative: RelativePositions, query_length: int, key_length: int) -> bool:
+    return relative.one_row_per_distance or query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO * relative.num_rows
+
+
+def relative_positions(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> RelativePositions:
+    """Everything the attention layers need about relative positions (see RelativePositions); computed once per
+    forward from the lengths, so that no layer repeats it."""
+    if _one_row_per_distance(query_length, key_length, config):
+        first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
+        num_rows = query_length + key_length - 1
+        return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows, True)
+    rows = relative_distance_rows(query_length, key_length, config, device)
+    relative = RelativePositions(rows, 0, 2 * config.relative_span, False)
+    if uses_distance_layout(relative, query_length, key_length):
+        return relative
+    index = pair_index(rows, query_length, key_length)  # [Nq, Nk]
+    key_ids = torch.arange(key_length, device=device)[:, None]
+    query_ids = torch.arange(query_length, device=device)[None, :]
+    index_t = rows[query_ids - key_ids + key_length - 1]  # [Nk, Nq]: index transposed, laid out for a fast gather
+    return relative._replace(index=index, index_t=index_t)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -88,25 +153,91 @@ def relative_position_index(query_length: int, key_length: int, config: DebertaC
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def eager_attention(query, key, value, scores_bias, key_mask, scale, dropout, training):
-    """Reference path. query/key/value [B, H, N, D]; scores_bias [B, H, Nq, Nk] or None; key_mask [B, 1, 1, Nk]
-    (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    if scores_bias is not None:
-        scores = scores + scores_bias
+def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Reference path, the scores as the paper writes them. query [B, H, Nq, D]; key, value [B, H, Nk, D]; pos_key
+    (c2p) and pos_query (p2c) [H, R, D] or None: the projected rows of the relative table that `relative` reads;
+    key_mask [B, 1, 1, Nk] (True = attend). Each term is scaled before the sum, which keeps half precision in range.
+    Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
+    query = query * scale
+    scores = torch.matmul(query, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
+    if pos_key is not None or pos_query is not None:
+        index = pair_index(relative.rows, query_length, key_length)  # [Nq, Nk]: the table row of each pair
+    if pos_key is not None:  # c2p[i, j] = Q_i . K_r[index[i, j]]
+        c2p_table = torch.matmul(query, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
+        scores = scores + torch.gather(c2p_table, -1, index.expand(batch, heads, query_length, key_length))
+    if pos_query is not None:  # p2c[i, j] = K_j . Q_r[index[i, j]]: gathered along the keys' rows, then transposed
+        p2c_table = torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
+        index_t = index.transpose(0, 1).expand(batch, heads, key_length, query_length)
+        scores = scores + torch.gather(p2c_table, -1, index_t).transpose(-1, -2)
     scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, value), probs
 
 
-def sdpa_attention(query, key, value, scores_bias, key_mask, scale, dropout, training):
-    """Same maths through torch's fused scaled_dot_product_attention, the position scores entering as an additive
-    mask. Does not return probabilities."""
-    if scores_bias is None:
+def _diagonals(by_distance: torch.Tensor, columns: int) -> torch.Tensor:
+    """[..., M, M + K - 1] -> [..., M, K] view with out[m, k] = by_distance[m, k - m + M - 1], no copy: each row of
+    the result starts one column further left in the source, so a table over (row, distance) becomes a matrix over
+    (row, column) pairs -- every diagonal of the result reads one column of the source."""
+    by_distance = by_distance.contiguous()
+    rows = by_distance.shape[-2]
+    *outer, row_stride, _ = by_distance.stride()
+    return by_distance.as_strided(
+        (*by_distance.shape[:-1], columns), (*outer, row_stride - 1, 1), by_distance.storage_offset() + rows - 1
+    )
+
+
+def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale):
+    """The scaled position terms c2p + p2c with masked keys set to a large negative value: the additive
+    [B, H, Nq, Nk] mask of the fast path. Same values as eager_attention, built without N x N intermediates:
+
+    - by distance (sequences up to DISTANCE_LAYOUT_MAX_RATIO * 2S tokens): c2p[i, j] only depends on i and the
+      distance d = i - j, so the products of every query with the table laid out by distance,
+      c2p_by_distance[i, c] = Q_i . K_r[rows[d]] with c = j - i + Nq - 1, already hold every c2p value and c2p is a
+      strided view of them (no gather); p2c likewise along the keys. One add writes the result.
+    - by table row (longer sequences, where distances outnumber table rows): products with the R table rows,
+      [B, H, N, R], then one gather per term with the index prepared once per forward.
+
+    The key mask rides on the p2c products (their rows are keys), so it costs no pass over [Nq, Nk]; half the
+    dtype's minimum keeps the sum finite in half precision."""
+    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
+    key_bias = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
+    key_bias = key_bias.masked_fill(~key_mask, torch.finfo(query.dtype).min / 2)  # [B, 1, 1, Nk]
+    c2p = p2c = None
+    if uses_distance_layout(relative, query_length, key_length):
+        if pos_key is not None:  # c2p_by_distance column c <-> d = Nq - 1 - c: the table rows in reverse order
+            key_rows = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
+            c2p_by_distance = torch.matmul(query, key_rows.transpose(-1, -2) * scale)  # [B, H, Nq, Nq + Nk - 1]
+            c2p = _diagonals(c2p_by_distance, key_length)  # [B, H, Nq, Nk]
+        if pos_query is not None:  # p2c_by_distance column c <-> d = c - (Nk - 1)
+            query_rows = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
+            p2c_by_distance = torch.matmul(key, query_rows.transpose(-1, -2) * scale)  # [B, H, Nk, Nq + Nk - 1]
+            p2c_by_distance = p2c_by_distance + key_bias.transpose(-1, -2)
+            p2c = _diagonals(p2c_by_distance, query_length).transpose(-1, -2)  # [B, H, Nq, Nk]
+    else:
+        if pos_key is not None:
+            c2p_table = torch.matmul(query, pos_key.transpose(-1, -2) * scale)  # [B, H, Nq, R]
+            c2p = torch.gather(c2p_table, -1, relative.index.expand(batch, heads, query_length, key_length))
+        if pos_query is not None:
+            p2c_table = torch.matmul(key, pos_query.transpose(-1, -2) * scale)  # [B, H, Nk, R]
+            p2c_table = p2c_table + key_bias.transpose(-1, -2)
+            index_t = relative.index_t.expand(batch, heads, key_length, query_length)
+            p2c = torch.gather(p2c_table, -1, index_t).transpose(-1, -2)  # [B, H, Nq, Nk]
+    if c2p is None:
+        return p2c.contiguous()
+    if p2c is None:
+        return c2p + key_bias
+    return c2p + p2c
+
+
+def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Fast path: torch's fused scaled_dot_product_attention with the position terms (disentangled_bias) as its
+    additive mask. Does not return probabilities."""
+    if pos_key is None and pos_query is None:
         attn_mask = key_mask
     else:
-        attn_mask = scores_bias.masked_fill(~key_mask, torch.finfo(scores_bias.dtype).min)
+        attn_mask = disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale)
     context = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout if training else 0.0, scale=scale
     )
@@ -174,9 +305,10 @@ class DebertaCustomSelfAttention(nn.Module):
             self.split_heads(F.linear(hidden_states, value_weight, self.v_bias)),
         )
 
-    def project_positions(self, rel_embeddings):
-        """Relative embeddings [2S, C] -> (position keys for c2p, position queries for p2c), each [H, 2S, D] or None."""
-        rel_embeddings = self.pos_dropout(rel_embeddings)
+    def project_positions(self, rel_embeddings, relative: RelativePositions):
+        """The rows of the relative embeddings [2S, C] that `relative` reads -> (position keys for c2p, position
+        queries for p2c), each [H, R, D] or None."""
+        rel_embeddings = self.pos_dropout(rel_embeddings[relative.first_row:relative.first_row + relative.num_rows])
         pos_key = pos_query = None
         if self.fused_projection:
             key_proj, query_proj = getattr(self, "pos_proj", None), getattr(self, "pos_q_proj", None)
@@ -190,38 +322,21 @@ class DebertaCustomSelfAttention(nn.Module):
             pos_query = self.split_heads(query_proj(rel_embeddings))
         return pos_key, pos_query
 
-    def position_scores(self, query, key, rel_index, rel_embeddings):
-        """c2p + p2c, scaled: [B, H, Nq, Nk]. Products are taken against the 2S table rows (N x 2S, cheap), then
-        gathered at each pair's index."""
-        pos_key, pos_query = self.project_positions(rel_embeddings)
-        batch, heads, query_length, key_length = query.shape[0], self.num_heads, query.shape[-2], key.shape[-2]
-        scores = None
-        if pos_key is not None:
-            c2p_table = torch.matmul(query, pos_key.transpose(-1, -2))  # [B, H, Nq, 2S]
-            index = rel_index.expand(batch, heads, query_length, key_length)
-            scores = torch.gather(c2p_table, -1, index)
-        if pos_query is not None:
-            p2c_table = torch.matmul(key, pos_query.transpose(-1, -2))  # [B, H, Nk, 2S]
-            # p2c[i, j] = p2c_table[j, idx(i, j)]: gather along keys' rows with the transposed index
-            index = rel_index.transpose(-1, -2).expand(batch, heads, key_length, query_length)
-            p2c = torch.gather(p2c_table, -1, index).transpose(-1, -2)  # [B, H, Nq, Nk]
-            scores = p2c if scores is None else scores + p2c
-        return scores * self.scale
-
-    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
         if query_states is None:
             query_states = hidden_states
         query, key, value = self.project_content(hidden_states, query_states)
-        scores_bias = None
+        pos_key = pos_query = None
         if self.pos_att_type:
-            scores_bias = self.position_scores(query, key, rel_index, rel_embeddings)
+            pos_key, pos_query = self.project_positions(rel_embeddings, relative)
 
         implementation = self.config._attn_implementation
         if output_attentions or implementation not in ATTENTION_FUNCTIONS:
             implementation = "eager"
         context, probs = ATTENTION_FUNCTIONS[implementation](
-            query, key, value, scores_bias, key_mask, self.scale, self.attention_dropout, self.training
+            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
+            self.training
         )
         context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
         return context, probs
@@ -246,9 +361,9 @@ class DebertaCustomAttention(nn.Module):
         self.self = DebertaCustomSelfAttention(config)
         self.output = DebertaCustomResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
-        context, probs = self.self(hidden_states, key_mask, rel_index, rel_embeddings, query_states, output_attentions)
+        context, probs = self.self(hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions)
         # The residual is the query: in EMD passes it is the decoder's query, not the keys.
         residual = hidden_states if query_states is None else query_states
         return self.output(context, residual), probs
@@ -271,10 +386,10 @@ class DebertaCustomLayer(GradientCheckpointingLayer):
         self.intermediate = DebertaCustomIntermediate(config)
         self.output = DebertaCustomResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states, key_mask, rel_index=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
         attention_output, probs = self.attention(
-            hidden_states, key_mask, rel_index, rel_embeddings, query_states, output_attentions
+            hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions
         )
         return self.output(self.intermediate(attention_output), attention_output), probs
 
@@ -316,23 +431,25 @@ class DebertaCustomEncoder(nn.Module):
         table = self.rel_embeddings.weight
         return self.LayerNorm(table) if self.config.norm_rel_ebd == "layer_norm" else table
 
-    def relative_index(self, length, device):
+    def relative_index(self, length, device) -> RelativePositions | None:
+        """Relative positions of a length-N sequence against itself (see RelativePositions), or None."""
         if not self.config.relative_attention:
             return None
-        return relative_position_index(length, length, self.config, device)
+        return relative_positions(length, length, self.config, device)
 
     def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
         # A row with no real token attends to every position rather than to none, so that softmax stays finite.
         key_mask = token_mask | ~token_mask.any(-1, keepdim=True)
         key_mask = key_mask[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
-        rel_index = self.relative_index(embeddings.shape[1], embeddings.device)
+        # Once per forward, shared by every layer: the key mask, relative positions and the relative table.
+        relative = self.relative_index(embeddings.shape[1], embeddings.device)
         rel_embeddings = self.relative_embeddings()
 
         all_hidden_states = (embeddings,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         hidden_states = embeddings
         for i, layer in enumerate(self.layer):
-            hidden_states, probs = layer(hidden_states, key_mask, rel_index, rel_embeddings,
+            hidden_states, probs = layer(hidden_states, key_mask, relative, rel_embeddings,
                                          output_attentions=output_attentions)
             if i == 0 and self.conv is not None:
                 hidden_states = self.conv(embeddings, hidden_states, token_mask[..., None].to(hidden_states.dtype))
@@ -380,14 +497,24 @@ class DebertaCustomEmbeddings(nn.Module):
 
 
 def _check_integer_ids(name, ids, upper, what):
-    """Ids must be integers in [0, upper). Skipped while compiling: the range check needs a host sync."""
+    """Ids must be integers in [0, upper). Skipped while compiling, exporting (torch.export runs under
+    is_compiling) or tracing (the TorchScript ONNX exporter): the range check needs a host sync."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= upper:
         raise ValueError(f"{name} holds values in [{low}, {high}], outside [0, {upper - 1}] ({what})")
+
+
+def _weight_source(name_or_path, kwargs) -> str:
+    """The weight file(s) of a checkpoint, for error messages: a path ending in model.safetensors (or the shards)."""
+    try:
+        files = _weight_files(name_or_path, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+    except Exception:  # nothing resolvable: name the folder
+        return f"in {name_or_path}"
+    return files[0] if len(files) == 1 else f"{len(files)} shards in {name_or_path} ({', '.join(files)})"
 
 
 class DebertaCustomPreTrainedModel(PreTrainedModel):
@@ -396,6 +523,8 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["DebertaCustomLayer", "DebertaCustomEmbeddings"]
+    # What save_pretrained writes as `auto_map`; classes defined in sibling files (modeling_rtd.py) extend it.
+    saved_auto_map = AUTO_MAP
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -417,10 +546,17 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (DebertaCustomLMPredictionHead, DebertaCustomRTDHead)) and hasattr(module, "bias"):
             init.zeros_(module.bias)
 
+    def set_attn_implementation(self, attn_implementation: str):
+        """Switch attention paths on a live model: the layers read config._attn_implementation at every call."""
+        if attn_implementation not in ATTENTION_FUNCTIONS:
+            raise ValueError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, "
+                             f"got {attn_implementation!r}")
+        self.config._attn_implementation = attn_implementation
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Writes a Hub-ready folder: weights, config with the full `auto_map` (the config and every head, so one
         repo serves every Auto class), and the code files for `trust_remote_code=True` loading."""
-        self.config.auto_map = dict(AUTO_MAP)
+        self.config.auto_map = dict(self.saved_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -440,12 +576,14 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         except OSError:
             raise  # missing files or repos: transformers' message already names them
         except Exception as error:  # corrupt or truncated weight files surface as assorted reader errors
-            raise ValueError(f"Could not load the checkpoint in {pretrained_model_name_or_path}: {error}") from error
+            source = _weight_source(pretrained_model_name_or_path, kwargs)
+            raise ValueError(f"Could not load the checkpoint {source}: {error}") from error
         missing = [k for k in info["missing_keys"] if is_required_weight(k, model.config)]
         if missing:
             raise ValueError(
-                f"The checkpoint in {pretrained_model_name_or_path} lacks {len(missing)} weights of the model, such as "
-                f"{sorted(missing)[:5]}: the weight file is truncated or holds a different architecture"
+                f"The checkpoint {_weight_source(pretrained_model_name_or_path, kwargs)} lacks {len(missing)} weights "
+                f"of the model, such as {sorted(missing)[:5]}: the weight file is truncated or holds a different "
+                "architecture"
             )
         return (model, info) if output_loading_info else model
 
@@ -475,7 +613,9 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
             if tensor is not None and tensor.shape != shape and not (name == "position_ids" and tensor.shape == shape[1:]):
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the input ids are {tuple(shape)}")
         if attention_mask is not None and attention_mask.is_floating_point():
-            if not torch.compiler.is_compiling() and not ((attention_mask == 0) | (attention_mask == 1)).all():
+            if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not (
+                (attention_mask == 0) | (attention_mask == 1)
+            ).all():
                 raise ValueError("attention_mask must hold only 0 and 1")
         # Token types are ignored when the model has none (type_vocab_size 0), as tokenizers emit them for pairs.
         if token_type_ids is not None and config.type_vocab_size > 0:
@@ -608,7 +748,8 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         rel_embeddings = encoder.relative_embeddings()
         last_layer = encoder.layer[-1]
         for _ in range(self.config.emd_num_passes):
-            query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query_states=query)
+            # Positional: reentrant gradient checkpointing only re-feeds positional tensors to the recomputation.
+            query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query)
         return query
 
     def forward(
@@ -688,7 +829,7 @@ def _check_labels(labels, expected_shape, num_classes, name):
         raise TypeError(f"{name} must be integer class ids for this head, got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(expected_shape)}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
     if not bool(valid.all()):
