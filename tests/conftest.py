@@ -64,6 +64,10 @@ def random_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 
     return input_ids, attention_mask
 
 
+# The test models are tiny: one thread avoids thread start-up and contention costs that dominate at this size.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
