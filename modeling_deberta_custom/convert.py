@@ -38,6 +38,8 @@ _RENAMES = (
 # Tied to the word embeddings (our decoder reads them directly) or rebuilt at run time: never loaded.
 _DROPPED = (re.compile(r"^cls\.predictions\.decoder\.weight$"), re.compile(r"position_ids$"))
 
+_LEGACY_HEAD_NAMES = re.compile(r"^lm_predictions\.lm_head\.(dense|LayerNorm)")
+
 TRANSFORMERS_CLASS_SUFFIX = {
     "DebertaCustomModel": "Model",
     "DebertaCustomForMaskedLM": "ForMaskedLM",
@@ -217,7 +219,8 @@ def load_official_checkpoint(model_class, name_or_path, official_config: dict, *
 
 def save_as_transformers(model, folder) -> None:
     """Write `model` as a folder that transformers' own DebertaV2* (or Deberta* for v1) classes load with the same
-    outputs: their config (model_type deberta-v2 / deberta, legacy=False) and the state dict under official names.
+    outputs: their config (model_type deberta-v2 / deberta) and the state dict under official names (the masked-LM
+    head as lm_predictions.lm_head, or in the legacy cls.predictions layout when embedding_size != hidden_size).
     The absolute position table is kept even where transformers ignores it, so the folder also loads back here with
     the Enhanced Mask Decoder intact."""
     from safetensors.torch import save_file  # only needed here; keeps module import light for remote code
@@ -229,8 +232,17 @@ def save_as_transformers(model, folder) -> None:
     if suffix is None:
         raise ValueError(f"{type(model).__name__} has no counterpart in transformers to export to")
     official["architectures"] = [prefix + suffix]
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if suffix == "ForMaskedLM" and config.word_embedding_size != config.hidden_size:
+        # transformers' lm_predictions head is hidden -> hidden; only its legacy cls.predictions head maps the hidden
+        # size to a narrower embedding size, with an explicit (tied) decoder.
+        official["legacy"] = True
+        state_dict = {_LEGACY_HEAD_NAMES.sub(r"cls.predictions.transform.\1", k): v for k, v in state_dict.items()}
+        bias = state_dict.pop("lm_predictions.lm_head.bias")
+        state_dict["cls.predictions.bias"] = bias
+        state_dict["cls.predictions.decoder.bias"] = bias.clone()
+        state_dict["cls.predictions.decoder.weight"] = state_dict["deberta.embeddings.word_embeddings.weight"].clone()
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(official, handle, indent=2, sort_keys=True)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

@@ -310,11 +310,8 @@ EXPORT_CASES = [(head, "v3") for head in HEADS] + [
     for head in ("Model", "ForMaskedLM", "ForSequenceClassification")
     if (head, variant) != ("ForMaskedLM", "embedding_size")
 ]
-# save_as_transformers always writes legacy=False, whose lm_predictions head transformers builds as hidden -> hidden:
-# with embedding_size != hidden_size the head's tensors do not fit. Exporting such a model needs the legacy
-# cls.predictions.* layout. Strict, so that the case is promoted once the exporter handles it.
-EXPORT_CASES.append(pytest.param("ForMaskedLM", "embedding_size", marks=pytest.mark.xfail(
-    strict=True, raises=(RuntimeError, ValueError), reason="no legacy-layout export for embedding_size != hidden_size")))
+# With embedding_size != hidden_size the masked-LM head is exported in transformers' legacy cls.predictions layout.
+EXPORT_CASES.append(("ForMaskedLM", "embedding_size"))
 
 
 @pytest.mark.parametrize(("head", "variant"), EXPORT_CASES)
