@@ -115,7 +115,7 @@ def resolve_official_config(name_or_path, kwargs: dict) -> dict | None:
     return config_dict if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES else None
 
 
-def _weight_files(name_or_path, hub_kwargs) -> list[str]:
+def weight_files(name_or_path, hub_kwargs) -> list[str]:
     for filename in WEIGHT_FILES:
         resolved = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if resolved is None:
@@ -126,6 +126,15 @@ def _weight_files(name_or_path, hub_kwargs) -> list[str]:
             shards = sorted(set(json.load(handle)["weight_map"].values()))
         return [cached_file(str(name_or_path), shard, **hub_kwargs) for shard in shards]
     raise OSError(f"No weights found in {name_or_path}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def describe_weight_source(name_or_path, kwargs: dict) -> str:
+    """The weight file(s) of a checkpoint, for error messages: a path ending in model.safetensors (or the shards)."""
+    try:
+        files = weight_files(name_or_path, _hub_kwargs(kwargs))
+    except Exception:  # nothing resolvable: name the folder
+        return f"in {name_or_path}"
+    return files[0] if len(files) == 1 else f"{len(files)} shards in {name_or_path} ({', '.join(files)})"
 
 
 def read_checkpoint(files: list[str]) -> dict:
@@ -173,7 +182,7 @@ def load_official_checkpoint(model_class, name_or_path, official_config: dict, *
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
 
-    files = _weight_files(name_or_path, hub_kwargs)
+    files = weight_files(name_or_path, hub_kwargs)
     state_dict = convert_official_state_dict(read_checkpoint(files))
     model = model_class(config)
     model_state = model.state_dict()

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import HUB_KWARGS, _weight_files, is_required_weight, load_official_checkpoint, resolve_official_config
+from .convert import describe_weight_source, is_required_weight, load_official_checkpoint, resolve_official_config
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
@@ -112,9 +112,18 @@ def relative_position_index(query_length: int, key_length: int, config: DebertaC
     return pair_index(rows, query_length, key_length)
 
 
+def _exporting() -> bool:
+    """True while torch.export or the TorchScript ONNX exporter traces the model: the graph must serve every length,
+    so the length-dependent shortcuts (_one_row_per_distance, uses_distance_layout) are not taken; the general path
+    gives the same values at every length."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def _one_row_per_distance(query_length: int, key_length: int, config: DebertaCustomConfig) -> bool:
     """True when every distance reads a row of its own: |d| up to position_buckets // 2 stays as it is in the log
     buckets, and up to S - 1 nothing is clamped. Decided on Python ints, so it costs no host sync."""
+    if _exporting():
+        return False
     longest = max(query_length, key_length) - 1
     limit = config.position_buckets // 2 if config.position_buckets > 0 else config.relative_span - 1
     return longest <= limit
@@ -127,6 +136,8 @@ DISTANCE_LAYOUT_MAX_RATIO = 2
 
 
 def uses_distance_layout(relative: RelativePositions, query_length: int, key_length: int) -> bool:
+    if _exporting():
+        return False
     return relative.one_row_per_distance or query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO * relative.num_rows
 
 
@@ -508,15 +519,6 @@ def _check_integer_ids(name, ids, upper, what):
         raise ValueError(f"{name} holds values in [{low}, {high}], outside [0, {upper - 1}] ({what})")
 
 
-def _weight_source(name_or_path, kwargs) -> str:
-    """The weight file(s) of a checkpoint, for error messages: a path ending in model.safetensors (or the shards)."""
-    try:
-        files = _weight_files(name_or_path, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
-    except Exception:  # nothing resolvable: name the folder
-        return f"in {name_or_path}"
-    return files[0] if len(files) == 1 else f"{len(files)} shards in {name_or_path} ({', '.join(files)})"
-
-
 class DebertaCustomPreTrainedModel(PreTrainedModel):
     config_class = DebertaCustomConfig
     base_model_prefix = "deberta"
@@ -576,12 +578,12 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         except OSError:
             raise  # missing files or repos: transformers' message already names them
         except Exception as error:  # corrupt or truncated weight files surface as assorted reader errors
-            source = _weight_source(pretrained_model_name_or_path, kwargs)
+            source = describe_weight_source(pretrained_model_name_or_path, kwargs)
             raise ValueError(f"Could not load the checkpoint {source}: {error}") from error
         missing = [k for k in info["missing_keys"] if is_required_weight(k, model.config)]
         if missing:
             raise ValueError(
-                f"The checkpoint {_weight_source(pretrained_model_name_or_path, kwargs)} lacks {len(missing)} weights "
+                f"The checkpoint {describe_weight_source(pretrained_model_name_or_path, kwargs)} lacks {len(missing)} weights "
                 f"of the model, such as {sorted(missing)[:5]}: the weight file is truncated or holds a different "
                 "architecture"
             )
