@@ -9,7 +9,7 @@ import transformers
 from .configuration_deberta_custom import DebertaCustomConfig
 from .convert import save_as_transformers
 from .modeling_deberta_custom import (
-    AUTO_MAP,
+    AUTO_MAP,  # noqa: F401  (public name; RTD_AUTO_MAP extends it)
     DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
@@ -19,6 +19,7 @@ from .modeling_deberta_custom import (
     DebertaCustomModel,
     DebertaCustomPreTrainedModel,
 )
+from .modeling_rtd import RTD_AUTO_MAP, DebertaCustomForRTDPreTraining
 
 __version__ = "0.1.0"
 
@@ -29,8 +30,9 @@ def _register_auto_classes():
     classes = {cls.__name__: cls for cls in (
         DebertaCustomModel, DebertaCustomForMaskedLM, DebertaCustomForSequenceClassification,
         DebertaCustomForTokenClassification, DebertaCustomForQuestionAnswering, DebertaCustomForMultipleChoice,
+        DebertaCustomForRTDPreTraining,
     )}
-    for auto_name, target in AUTO_MAP.items():
+    for auto_name, target in RTD_AUTO_MAP.items():  # AUTO_MAP plus AutoModelForPreTraining
         if auto_name == "AutoConfig":
             continue
         model_class = classes[target.split(".")[-1]]
@@ -50,5 +52,6 @@ __all__ = [
     "DebertaCustomForQuestionAnswering",
     "DebertaCustomForMultipleChoice",
     "DebertaCustomForReplacedTokenDetection",
+    "DebertaCustomForRTDPreTraining",
     "save_as_transformers",
 ]

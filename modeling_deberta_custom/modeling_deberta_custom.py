@@ -12,6 +12,8 @@ torch, transformers and its sibling files.
 """
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -115,8 +118,8 @@ def relative_position_index(query_length: int, key_length: int, config: DebertaC
 def _exporting() -> bool:
     """True while torch.export or the TorchScript ONNX exporter traces the model: the graph must serve every length,
     so the length-dependent shortcuts (_one_row_per_distance, uses_distance_layout) are not taken; the general path
-    gives the same values at every length."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    gives the same values at every length. (torch < 2.7 has no is_exporting: is_compiling covers export there.)"""
+    return torch.jit.is_tracing() or getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)()
 
 
 def _one_row_per_distance(query_length: int, key_length: int, config: DebertaCustomConfig) -> bool:
@@ -188,71 +191,119 @@ def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, s
 
 
 def _diagonals(by_distance: torch.Tensor, columns: int) -> torch.Tensor:
-    """[..., M, M + K - 1] -> [..., M, K] view with out[m, k] = by_distance[m, k - m + M - 1], no copy: each row of
-    the result starts one column further left in the source, so a table over (row, distance) becomes a matrix over
-    (row, column) pairs -- every diagonal of the result reads one column of the source."""
-    by_distance = by_distance.contiguous()
-    rows = by_distance.shape[-2]
-    *outer, row_stride, _ = by_distance.stride()
-    return by_distance.as_strided(
-        (*by_distance.shape[:-1], columns), (*outer, row_stride - 1, 1), by_distance.storage_offset() + rows - 1
-    )
+    """[..., M, L] -> [..., M, K] view (K = columns <= L - M + 1) with out[m, k] = by_distance[m, k - m + M - 1]:
+    each row of the result starts one column further left in the source, so a table over (row, distance) becomes a
+    matrix over (row, column) pairs. No copy: flattened, the wanted entries sit at m * (L - 1) + k + M - 1, so
+    dropping the first M - 1 values and re-reading rows of L - 1 lines them up."""
+    rows, length = by_distance.shape[-2:]
+    if rows == 1:  # a single row reads itself (the slicing below needs L - 1 >= K, i.e. M >= 2)
+        return by_distance[..., :columns]
+    flat = by_distance.contiguous().flatten(-2)  # [..., M * L]
+    return flat[..., rows - 1:rows - 1 + rows * (length - 1)].unflatten(-1, (rows, length - 1))[..., :columns]
+
+
+def position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance):
+    """The fast path's position products, scaled, heads-major: c2p [H, B, Nq, W] = Q_c K_r^T and
+    p2c [H, B, Nk, W] = K_c Q_r^T (each None when its term is off), where the W columns are either the distances
+    (by_distance: W = Nq + Nk - 1, c2p column c <-> d = Nq - 1 - c, p2c column c <-> d = c - (Nk - 1)) or the R table
+    rows. Also returns the key bias [B, Nk]: 0 for keys to attend, half the dtype's minimum for masked ones (finite
+    in half precision once summed); it is already added to the rows of p2c (they are keys), so that it costs no pass
+    over [Nq, Nk] later.
+
+    The products run heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is
+    one plain matrix product with its table and no table is copied per batch entry."""
+    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
+    key_bias = torch.zeros(batch, key_length, dtype=query.dtype, device=query.device)
+    key_bias = key_bias.masked_fill(~key_mask.reshape(batch, key_length), torch.finfo(query.dtype).min / 2)
+    c2p = p2c = None
+    if pos_key is not None:
+        if by_distance:  # the table rows of d = Nq - 1, Nq - 2, ..., -(Nk - 1)
+            pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
+        query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
+        c2p = torch.bmm(query, pos_key.transpose(-1, -2) * scale).view(heads, batch, query_length, -1)
+    if pos_query is not None:
+        if by_distance:  # the table rows of d = -(Nk - 1), ..., Nq - 1
+            pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
+        key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
+        p2c = torch.bmm(key, pos_query.transpose(-1, -2) * scale).view(heads, batch, key_length, -1)
+        p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
+    return c2p, p2c, key_bias
+
+
+def position_bias(c2p, p2c, key_bias, relative, by_distance, start, stop):
+    """Query rows [start, stop) of c2p + p2c with masked keys at a large negative value: the additive mask
+    [B, H, stop - start, Nk] that SDPA reads (a view of a heads-major tensor, which it takes as it is).
+
+    By distance, c2p[i, j] sits at column j - i + Nq - 1 of row i, so c2p is a strided view of the products
+    (_diagonals, no gather), and p2c likewise along the keys; one add writes the result. By table row, each term
+    is one gather with the index prepared once per forward."""
+    if by_distance:
+        if c2p is not None:
+            c2p = _diagonals(c2p, key_bias.shape[-1])[:, :, start:stop]  # [H, B, rows, Nk]
+        if p2c is not None:
+            query_length = p2c.shape[-1] - p2c.shape[-2] + 1  # W = Nq + Nk - 1 columns
+            p2c = _diagonals(p2c, query_length)[..., start:stop].transpose(-1, -2)  # [H, B, rows, Nk]
+    else:
+        heads, batch = (c2p if c2p is not None else p2c).shape[:2]
+        key_length = key_bias.shape[-1]
+        if c2p is not None:
+            index = relative.index[start:stop].expand(heads, batch, stop - start, key_length)
+            c2p = torch.gather(c2p[:, :, start:stop], -1, index)
+        if p2c is not None:
+            index = relative.index_t[:, start:stop].expand(heads, batch, key_length, stop - start)
+            p2c = torch.gather(p2c, -1, index).transpose(-1, -2)
+    if c2p is None:
+        bias = p2c.contiguous()
+    elif p2c is None:
+        bias = c2p + key_bias[:, None, :]
+    else:
+        bias = c2p + p2c
+    return bias.transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
 
 
 def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale):
-    """The scaled position terms c2p + p2c with masked keys set to a large negative value: the additive
-    [B, H, Nq, Nk] mask of the fast path. Same values as eager_attention, built without N x N intermediates:
+    """c2p + p2c for every pair, scaled, masked keys at a large negative value: [B, H, Nq, Nk]. The same values as
+    eager_attention's position terms, built without [Nq, Nk] intermediates (position_products, position_bias)."""
+    by_distance = uses_distance_layout(relative, query.shape[-2], key.shape[-2])
+    c2p, p2c, key_bias = position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance)
+    return position_bias(c2p, p2c, key_bias, relative, by_distance, 0, query.shape[-2])
 
-    - by distance (sequences up to DISTANCE_LAYOUT_MAX_RATIO * 2S tokens): c2p[i, j] only depends on i and the
-      distance d = i - j, so the products of every query with the table laid out by distance,
-      c2p_by_distance[i, c] = Q_i . K_r[rows[d]] with c = j - i + Nq - 1, already hold every c2p value and c2p is a
-      strided view of them (no gather); p2c likewise along the keys. One add writes the result.
-    - by table row (longer sequences, where distances outnumber table rows): products with the R table rows,
-      [B, H, N, R], then one gather per term with the index prepared once per forward.
 
-    The key mask rides on the p2c products (their rows are keys), so it costs no pass over [Nq, Nk]; half the
-    dtype's minimum keeps the sum finite in half precision."""
-    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    key_bias = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
-    key_bias = key_bias.masked_fill(~key_mask, torch.finfo(query.dtype).min / 2)  # [B, 1, 1, Nk]
-    c2p = p2c = None
-    if uses_distance_layout(relative, query_length, key_length):
-        if pos_key is not None:  # c2p_by_distance column c <-> d = Nq - 1 - c: the table rows in reverse order
-            key_rows = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
-            c2p_by_distance = torch.matmul(query, key_rows.transpose(-1, -2) * scale)  # [B, H, Nq, Nq + Nk - 1]
-            c2p = _diagonals(c2p_by_distance, key_length)  # [B, H, Nq, Nk]
-        if pos_query is not None:  # p2c_by_distance column c <-> d = c - (Nk - 1)
-            query_rows = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
-            p2c_by_distance = torch.matmul(key, query_rows.transpose(-1, -2) * scale)  # [B, H, Nk, Nq + Nk - 1]
-            p2c_by_distance = p2c_by_distance + key_bias.transpose(-1, -2)
-            p2c = _diagonals(p2c_by_distance, query_length).transpose(-1, -2)  # [B, H, Nq, Nk]
-    else:
-        if pos_key is not None:
-            c2p_table = torch.matmul(query, pos_key.transpose(-1, -2) * scale)  # [B, H, Nq, R]
-            c2p = torch.gather(c2p_table, -1, relative.index.expand(batch, heads, query_length, key_length))
-        if pos_query is not None:
-            p2c_table = torch.matmul(key, pos_query.transpose(-1, -2) * scale)  # [B, H, Nk, R]
-            p2c_table = p2c_table + key_bias.transpose(-1, -2)
-            index_t = relative.index_t.expand(batch, heads, key_length, query_length)
-            p2c = torch.gather(p2c_table, -1, index_t).transpose(-1, -2)  # [B, H, Nq, Nk]
-    if c2p is None:
-        return p2c.contiguous()
-    if p2c is None:
-        return c2p + key_bias
-    return c2p + p2c
+# Long sequences attend in blocks of query rows, so that each block's additive mask stays near this many elements
+# (16 MiB in fp32): it then stays in cache between its construction and SDPA, and the allocator recycles its
+# memory instead of mapping fresh pages for every layer.
+MASK_BLOCK_ELEMENTS = 1 << 22
+
+
+def _query_rows_per_block(batch, heads, query_length, key_length):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return query_length  # one graph for every length: the compiler fuses the mask construction itself
+    return max(64, MASK_BLOCK_ELEMENTS // (batch * heads * key_length))
 
 
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Fast path: torch's fused scaled_dot_product_attention with the position terms (disentangled_bias) as its
-    additive mask. Does not return probabilities."""
+    """Fast path: torch's fused scaled_dot_product_attention with the position terms as its additive mask, built
+    from the products (position_products) for blocks of query rows (position_bias). Does not return probabilities."""
+    dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
-        attn_mask = key_mask
-    else:
-        attn_mask = disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale)
-    context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout if training else 0.0, scale=scale
-    )
-    return context, None
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
+                                              scale=scale), None
+    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
+    by_distance = uses_distance_layout(relative, query_length, key_length)
+    c2p, p2c, key_bias = position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance)
+    rows = _query_rows_per_block(batch, heads, query_length, key_length)
+    if rows >= query_length:
+        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, 0, query_length)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
+    blocks = []
+    for start in range(0, query_length, rows):
+        stop = min(start + rows, query_length)
+        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, start, stop)
+        context = F.scaled_dot_product_attention(query[:, :, start:stop], key, value, attn_mask=bias,
+                                                 dropout_p=dropout, scale=scale)
+        blocks.append(context.transpose(1, 2))  # [B, rows, H, D]
+    # Concatenated as [B, Nq, H, D], so that the caller's transpose back to [B, N, H * D] is a view, not a copy.
+    return torch.cat(blocks, dim=1).transpose(1, 2), None
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
@@ -559,7 +610,17 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         """Writes a Hub-ready folder: weights, config with the full `auto_map` (the config and every head, so one
         repo serves every Auto class), and the code files for `trust_remote_code=True` loading."""
         self.config.auto_map = dict(self.saved_auto_map)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers copies code only for classes registered with an Auto class; the RTD discriminator has none.
+        # Copy every file the auto_map names, with the siblings they import, so each folder loads as remote code.
+        here = os.path.dirname(os.path.abspath(__file__))
+        for module in {target.split(".")[0] for target in self.config.auto_map.values()}:
+            source = os.path.join(here, module + ".py")
+            for path in [source, *get_relative_import_files(source)]:
+                destination = os.path.join(save_directory, os.path.basename(path))
+                if not os.path.exists(destination):
+                    shutil.copyfile(path, destination)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -1,0 +1,436 @@
+"""Pretraining data and bookkeeping: tokenizers, text grouping, masking collators, metrics and logging of loss terms.
+
+Training-only code: the modeling files never import it, and it is not copied next to saved weights.
+
+  * `spm_tokenizer` / `write_spm_tokenizer_folder` / `load_pretraining_tokenizer`: a SentencePiece `spm.model`
+    (the official DeBERTa-v3 one) as a transformers fast tokenizer that reproduces SentencePiece's ids exactly.
+  * `group_texts` / `tokenize_and_group`: plain text -> blocks of exactly max_seq_length tokens, [CLS] ... [SEP].
+  * `DebertaMaskingCollator`: masked-LM masking (80/10/10 by default), optionally of whole words, for the masked-LM
+    objective and for the generator of replaced-token detection.
+  * `PretrainingMetrics` (evaluation) and `LossTermsCallback` (training logs): the loss terms and accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+SPM_SPECIAL_TOKENS = dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]",
+                          mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
+WORD_START_MARKERS = ("\u2581", "\u0120")  # SentencePiece "▁" and byte-level BPE "Ġ"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def spm_tokenizer(spm_path, model_max_length: int = 512):
+    """A transformers fast tokenizer equivalent to the SentencePiece model at `spm_path` (DeBERTa-v3 layout: [PAD],
+    [CLS], [SEP], [UNK] at ids 0-3; [MASK] added after the pieces, id 128000 for the official model).
+
+    Built here rather than by transformers' DeBERTa-v2 converter because that converter drops SentencePiece's byte
+    fallback (4.57 warns so) and, in transformers 5.x, also its normaliser (the model's precompiled NFKC map): '…',
+    emoji and other characters then become [UNK] or different ids. This conversion keeps both, and matches `sentencepiece` itself
+    id for id (tests/test_tokenizer_official.py)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(spm_path, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        raise ValueError(f"{spm_path} is not a Unigram SentencePiece model (DeBERTa-v3's is)")
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    unknown = [i for i, piece in enumerate(proto.pieces) if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=unknown[0] if unknown else None,
+                                  byte_fallback=proto.trainer_spec.byte_fallback))
+    spec = proto.normalizer_spec
+    steps = []
+    if spec.remove_extra_whitespaces:
+        steps.append(normalizers.Strip())
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="always" if spec.add_dummy_prefix else "never"
+    )
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    specials = [SPM_SPECIAL_TOKENS[name] for name in ("pad_token", "cls_token", "sep_token", "unk_token", "mask_token")]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"], **SPM_SPECIAL_TOKENS,
+    )
+
+
+def write_spm_tokenizer_folder(spm_path, folder, model_max_length: int = 512) -> str:
+    """Save `spm_tokenizer(spm_path)` to `folder` (tokenizer.json, tokenizer_config.json, plus a copy of spm.model) so
+    that `AutoTokenizer.from_pretrained(folder)` loads it, in transformers 4.x and 5.x alike."""
+    tokenizer = spm_tokenizer(spm_path, model_max_length=model_max_length)
+    tokenizer.save_pretrained(folder)
+    # transformers 5 names the class TokenizersBackend, which 4.x lacks; PreTrainedTokenizerFast loads in both.
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as handle:
+        tokenizer_config = json.load(handle)
+    tokenizer_config.pop("backend", None)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_file, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2, sort_keys=True)
+    if os.path.abspath(os.path.join(folder, "spm.model")) != os.path.abspath(spm_path):
+        shutil.copyfile(spm_path, os.path.join(folder, "spm.model"))
+    return str(folder)
+
+
+def load_pretraining_tokenizer(path):
+    """A tokenizer from `path`: an `spm.model` file, a folder holding one without a tokenizer.json (the official
+    DeBERTa-v3 layout; converted with `spm_tokenizer`), or any folder AutoTokenizer loads (e.g. the output of
+    scripts/train_tokenizer.py, or one written by `write_spm_tokenizer_folder`)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".model"):
+        return spm_tokenizer(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
+        spm_file = os.path.join(path, "spm.model")
+        if os.path.exists(spm_file):
+            return spm_tokenizer(spm_file)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    return sorted({int(i) for i in tokenizer.all_special_ids if i is not None})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text -> blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def group_texts(token_lists, block_size: int, cls_token_id: int, sep_token_id: int) -> list[list[int]]:
+    """Concatenate tokenized texts and cut them into blocks of exactly `block_size` tokens: [CLS] + block_size - 2
+    tokens + [SEP]. The remainder shorter than a block is dropped (as transformers' run_mlm does), unless the texts
+    hold less than one block, which then becomes one shorter block."""
+    if block_size < 3:
+        raise ValueError(f"block_size must be at least 3 ([CLS], one token, [SEP]), got {block_size}")
+    body = block_size - 2
+    tokens = list(chain.from_iterable(token_lists))
+    count = len(tokens) // body
+    chunks = [tokens[i * body:(i + 1) * body] for i in range(count)]
+    if count == 0 and tokens:
+        chunks = [tokens]
+    return [[cls_token_id] + chunk + [sep_token_id] for chunk in chunks]
+
+
+def tokenize_and_group(dataset, tokenizer, max_seq_length: int, num_proc: int | None = None,
+                       text_column: str = "text", batch_size: int = 1000):
+    """A `datasets` Dataset (or DatasetDict) of raw text lines -> one of `input_ids` blocks of max_seq_length tokens.
+    Empty lines are skipped; texts are concatenated across lines within each map batch of `batch_size` lines."""
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise ValueError("The tokenizer needs [CLS] and [SEP] tokens to frame blocks")
+
+    def tokenize(batch):
+        texts = [text for text in batch[text_column] if text and text.strip()]
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"] if texts else []
+        return {"input_ids": group_texts(ids, max_seq_length, cls_id, sep_id)}
+
+    columns = next(iter(dataset.values())).column_names if hasattr(dataset, "values") else dataset.column_names
+    return dataset.map(tokenize, batched=True, batch_size=batch_size, num_proc=num_proc, remove_columns=columns,
+                       desc=f"Tokenizing and grouping into blocks of {max_seq_length}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def word_start_table(tokenizer) -> torch.Tensor:
+    """[len(tokenizer)] bool: whether each id begins a word. SentencePiece / byte-level BPE pieces begin a word when
+    they carry the word-boundary marker ("▁" / "Ġ"); WordPiece vocabularies (with "##" continuations) begin one unless
+    the piece starts with "##". Special tokens are words of their own."""
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    pieces = ["" if piece is None else piece for piece in pieces]
+    if not any(piece.startswith(WORD_START_MARKERS) for piece in pieces) and any(p.startswith("##") for p in pieces):
+        starts = [not piece.startswith("##") for piece in pieces]
+    else:
+        starts = [piece.startswith(WORD_START_MARKERS) for piece in pieces]
+    table = torch.tensor(starts, dtype=torch.bool)
+    table[special_token_ids(tokenizer)] = True
+    return table
+
+
+@dataclass
+class DebertaMaskingCollator:
+    """Pads examples (dicts with `input_ids`) into a batch and masks it for masked-LM training.
+
+    Each eligible token (not special, not padding) is selected with probability `mask_probability` (or each whole
+    word, with `whole_word_mask`). Selected positions get `labels` = the original id (-100 elsewhere); their input
+    becomes [MASK] with probability `mask_replace_prob`, a random non-special token with `random_replace_prob`, and
+    stays as it is otherwise. BERT's and DeBERTa's masked-LM recipe is 0.15 / 0.8 / 0.1; the original DeBERTa-v3 RTD
+    recipe masks every selected token (1.0 / 0.0), see `for_objective`.
+
+    Whole-word masking: a word is a token that begins a word (see `word_start_table`) plus the continuation pieces
+    after it; words are selected with probability `mask_probability` and all their pieces share one decision
+    ([MASK], random or kept), so no word is left half visible. A block that starts in the middle of a word treats the
+    leading pieces as a word.
+
+    Randomness comes from torch's global generator, which Trainer seeds and checkpoints."""
+
+    tokenizer: PreTrainedTokenizerBase
+    mask_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    whole_word_mask: bool = False
+    pad_to_multiple_of: int | None = None
+    _special_ids: torch.Tensor = field(init=False, repr=False)
+    _random_candidates: torch.Tensor = field(init=False, repr=False)
+    _word_starts: torch.Tensor | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(f"mask_probability must be in (0, 1), got {self.mask_probability}")
+        if min(self.mask_replace_prob, self.random_replace_prob) < 0 or self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError("mask_replace_prob and random_replace_prob must be non-negative and sum to at most 1, got "
+                             f"{self.mask_replace_prob} and {self.random_replace_prob}")
+        if self.tokenizer.mask_token_id is None and self.mask_replace_prob > 0:
+            raise ValueError("The tokenizer has no mask token")
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no padding token")
+        self._special_ids = torch.tensor(special_token_ids(self.tokenizer), dtype=torch.long)
+        vocabulary = torch.arange(len(self.tokenizer))
+        self._random_candidates = vocabulary[~torch.isin(vocabulary, self._special_ids)]
+        if self.whole_word_mask:
+            self._word_starts = word_start_table(self.tokenizer)
+
+    @classmethod
+    def for_objective(cls, tokenizer, objective: str, mask_probability: float, whole_word_mask: bool = False,
+                      mask_replace_prob: float | None = None, random_replace_prob: float | None = None, **kwargs):
+        """The masking recipe of each objective, unless overridden: mlm 80/10/10 (BERT, DeBERTa MLM), rtd 100/0/0
+        (every selected token becomes [MASK] for the generator, as the original DeBERTa-v3 RTD task and ELECTRA)."""
+        defaults = {"mlm": (0.8, 0.1), "rtd": (1.0, 0.0)}
+        if objective not in defaults:
+            raise ValueError(f"objective must be one of {sorted(defaults)}, got {objective!r}")
+        default_mask, default_random = defaults[objective]
+        return cls(tokenizer, mask_probability=mask_probability, whole_word_mask=whole_word_mask,
+                   mask_replace_prob=default_mask if mask_replace_prob is None else mask_replace_prob,
+                   random_replace_prob=default_random if random_replace_prob is None else random_replace_prob, **kwargs)
+
+    def __call__(self, examples) -> dict:
+        rows = [example["input_ids"] for example in examples]
+        rows = [row.tolist() if isinstance(row, torch.Tensor) else list(row) for row in rows]
+        length = max(len(row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, :len(row)] = 1
+        input_ids, labels = self.mask_tokens(input_ids, attention_mask)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def eligible(self, input_ids, attention_mask) -> torch.Tensor:
+        """[B, N] bool: tokens that may be masked (not special, not padding)."""
+        return attention_mask.bool() & ~torch.isin(input_ids, self._special_ids)
+
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Returns (masked input_ids, labels); the input tensor is not modified."""
+        eligible = self.eligible(input_ids, attention_mask)
+        if self.whole_word_mask:
+            # Word index of every token: a new word at each word-start piece, at each ineligible token and at the
+            # start of each row; one draw per word, broadcast to its pieces.
+            starts = self._word_starts.to(input_ids.device)[input_ids.clamp(0, len(self._word_starts) - 1)]
+            starts = starts | ~eligible
+            starts[:, 0] = True
+            word_index = starts.flatten().long().cumsum(0).view_as(input_ids) - 1  # [B, N]
+            num_words = int(word_index.max()) + 1
+            selected = (torch.rand(num_words) < self.mask_probability)[word_index] & eligible
+            decision = torch.rand(num_words)[word_index]
+        else:
+            selected = (torch.rand(input_ids.shape) < self.mask_probability) & eligible
+            decision = torch.rand(input_ids.shape)
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+        to_mask = selected & (decision < self.mask_replace_prob)
+        to_random = selected & (decision >= self.mask_replace_prob) & (
+            decision < self.mask_replace_prob + self.random_replace_prob)
+        masked = input_ids.clone()
+        if self.mask_replace_prob > 0:
+            masked[to_mask] = self.tokenizer.mask_token_id
+        if to_random.any():
+            picks = torch.randint(len(self._random_candidates), (int(to_random.sum()),))
+            masked[to_random] = self._random_candidates[picks]
+        return masked, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation metrics and training logs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _per_sample_sum(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.zeros(batch, dtype=torch.float64, device=values.device).index_add_(0, rows, values.double())
+
+
+class PretrainingMetrics:
+    """`preprocess_logits_for_metrics` and `compute_metrics` for transformers.Trainer, for objective "mlm"
+    (DebertaCustomForMaskedLM) or "rtd" (DebertaCustomForRTDPreTraining).
+
+    Each evaluation batch is reduced, per sample, to sums and counts (so that nothing vocabulary-sized is kept and
+    the distributed gather drops duplicated samples exactly); compute_metrics turns the totals into
+    mlm_loss / generator_accuracy (mlm_accuracy for "mlm") and, for rtd, rtd_loss / discriminator_accuracy (with
+    the all-"original" baseline it has to beat, and precision / recall on replaced tokens) / replaced_fraction,
+    weighted by token counts."""
+
+    MLM_COLUMNS = ("mlm_loss_sum", "masked_tokens", "generator_correct")
+    RTD_COLUMNS = MLM_COLUMNS + ("rtd_loss_sum", "rtd_tokens", "discriminator_correct", "replaced_tokens",
+                                 "detected_replaced", "predicted_replaced")
+
+    def __init__(self, objective: str):
+        if objective not in ("mlm", "rtd"):
+            raise ValueError(f"objective must be 'mlm' or 'rtd', got {objective!r}")
+        self.objective = objective
+
+    def preprocess_logits_for_metrics(self, outputs, labels):
+        batch = labels.shape[0]
+        masked = labels != -100
+        rows = masked.nonzero()[:, 0]
+        targets = labels[masked]
+        if self.objective == "mlm":
+            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+            logits = logits[masked] if logits.dim() == 3 else logits  # dense [B, N, V] in eval, [M, V] if sparse
+            generator_logits = logits
+        else:
+            named = dict(zip(_rtd_output_names(), outputs, strict=False))
+            generator_logits = named["generator_logits"]
+        token_loss = F.cross_entropy(generator_logits.float(), targets, reduction="none")
+        correct = (generator_logits.argmax(-1) == targets).double()
+        columns = [_per_sample_sum(token_loss, rows, batch), masked.sum(-1).double(),
+                   _per_sample_sum(correct, rows, batch)]
+        if self.objective == "rtd":
+            rtd_logits, rtd_labels = named["logits"], named["rtd_labels"]
+            counted = rtd_labels != -100
+            bce = F.binary_cross_entropy_with_logits(rtd_logits.float(), rtd_labels.clamp(min=0).float(),
+                                                     reduction="none")
+            predicted = (rtd_logits > 0) & counted
+            right = (predicted.long() == rtd_labels) & counted
+            replaced = rtd_labels == 1
+            columns += [(bce * counted).double().sum(-1), counted.sum(-1).double(), right.sum(-1).double(),
+                        replaced.sum(-1).double(), (predicted & replaced).sum(-1).double(),
+                        predicted.sum(-1).double()]
+        return torch.stack(columns, dim=-1)  # [B, number of columns]
+
+    def compute_metrics(self, eval_prediction) -> dict:
+        totals = torch.as_tensor(eval_prediction.predictions, dtype=torch.float64).reshape(
+            -1, len(self.RTD_COLUMNS if self.objective == "rtd" else self.MLM_COLUMNS)).sum(0)
+        total = dict(zip(self.RTD_COLUMNS, totals.tolist(), strict=False))
+        masked = max(total["masked_tokens"], 1.0)
+        metrics = {"mlm_loss": total["mlm_loss_sum"] / masked}
+        if self.objective == "mlm":
+            metrics["mlm_accuracy"] = total["generator_correct"] / masked
+            return metrics
+        tokens = max(total["rtd_tokens"], 1.0)
+        metrics.update(generator_accuracy=total["generator_correct"] / masked, rtd_loss=total["rtd_loss_sum"] / tokens,
+                       discriminator_accuracy=total["discriminator_correct"] / tokens,
+                       # Predicting "original" everywhere scores 1 - replaced / tokens: the accuracy to beat.
+                       discriminator_baseline_accuracy=1.0 - total["replaced_tokens"] / tokens,
+                       discriminator_recall=total["detected_replaced"] / max(total["replaced_tokens"], 1.0),
+                       discriminator_precision=total["detected_replaced"] / max(total["predicted_replaced"], 1.0),
+                       replaced_fraction=total["replaced_tokens"] / masked)
+        return metrics
+
+
+def _rtd_output_names() -> list[str]:
+    """Field order of RTDPreTrainingOutput without `loss`: the order in which Trainer hands its outputs over."""
+    from .modeling_rtd import RTDPreTrainingOutput
+
+    return [f.name for f in fields(RTDPreTrainingOutput) if f.name != "loss"]
+
+
+class LossTermsCallback(TrainerCallback):
+    """Adds the mean of each loss term and accuracy since the previous log to the training logs (train_mlm_loss,
+    train_rtd_loss, train_generator_accuracy, ...), for an unchanged Trainer that only logs the summed loss.
+
+    A forward hook on the model records the terms of every training forward pass (micro-batches included); `on_log`
+    writes their means into the log entry. Insert it first in the callback list (`trainer.callback_handler.callbacks
+    .insert(0, ...)`) so the reporting integrations and the progress bar see the terms. Values are those of this
+    process (rank 0 in distributed runs)."""
+
+    RTD_TERMS = ("mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy", "replaced_fraction")
+
+    def __init__(self):
+        self._handle = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def _record(self, module, args, kwargs, output):
+        if not module.training:
+            return
+        values = {}
+        if getattr(output, "rtd_loss", None) is not None:
+            values = {name: getattr(output, name) for name in self.RTD_TERMS}
+        elif getattr(output, "loss", None) is not None:  # masked-LM: the loss is the MLM loss
+            values["mlm_loss"] = output.loss
+            labels = kwargs.get("labels")
+            if labels is not None and output.logits is not None:
+                targets = labels[labels != -100]
+                logits = output.logits if output.logits.dim() == 2 else output.logits[labels != -100]
+                if targets.numel():
+                    values["mlm_accuracy"] = (logits.argmax(-1) == targets).float().mean()
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+        self._count += 1 if values else 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self._handle is None:
+            self._handle = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self._count:
+            return
+        terms = {f"train_{name}": round(total / self._count, 4) for name, total in self._sums.items()}
+        logs.update(terms)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(terms)
+        self._sums, self._count = {}, 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+__all__ = [
+    "DebertaMaskingCollator",
+    "LossTermsCallback",
+    "PretrainingMetrics",
+    "group_texts",
+    "load_pretraining_tokenizer",
+    "spm_tokenizer",
+    "tokenize_and_group",
+    "word_start_table",
+    "write_spm_tokenizer_folder",
+]
