@@ -1,0 +1,158 @@
+"""Resuming: a run of scripts/pretrain.py or scripts/run_glue.py stopped right after a checkpoint and resumed from
+it with --resume_from_checkpoint ends with exactly the weights of the same run left uninterrupted (CPU, fixed seed,
+one thread). The stop is a real interruption, not a shorter run: a callback ends training right after the
+checkpoint at step 2 of a 4-step schedule, so the learning-rate schedule, data order and random state must all be
+restored from the checkpoint for the weights to agree.
+
+The scripts run in-process (their main(argv)), with the Trainer they build wrapped to add the stopping callback.
+"""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+
+PRETRAIN = REPO_ROOT / "scripts" / "pretrain.py"
+RUN_GLUE = REPO_ROOT / "scripts" / "run_glue.py"
+TOTAL_STEPS, STOP_AT = 4, 2
+WORDS = ("the king and queen of england walked through the garden where roses were growing while their children "
+         "were running and laughing beside the old fountain in the morning light").split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(path):
+    name = f"resume_test_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and HfArgumentParser resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+class StopAfterStep(TrainerCallback):
+    """Ends training after `step` (the checkpoint of that step is written first): an interrupted run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def interrupted_trainer(step):
+    class InterruptedTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(StopAfterStep(step))
+
+    return InterruptedTrainer
+
+
+def run_three_ways(script, argv, output_root, monkeypatch):
+    """Uninterrupted; interrupted after STOP_AT; resumed from that checkpoint. Returns the three final weight files'
+    contents (uninterrupted, interrupted, resumed)."""
+    straight, stopped = output_root / "straight", output_root / "stopped"
+    script.main(argv + ["--output_dir", str(straight)])
+    with monkeypatch.context() as patch:
+        patch.setattr(script, "Trainer", interrupted_trainer(STOP_AT))
+        script.main(argv + ["--output_dir", str(stopped)])
+    interrupted = load_file(stopped / "model.safetensors")
+    checkpoint = stopped / f"checkpoint-{STOP_AT}"
+    assert checkpoint.is_dir() and not (stopped / f"checkpoint-{TOTAL_STEPS}").exists()
+    script.main(argv + ["--output_dir", str(stopped), "--resume_from_checkpoint", str(checkpoint)])
+    return load_file(straight / "model.safetensors"), interrupted, load_file(stopped / "model.safetensors")
+
+
+def assert_resumed_exactly(straight, interrupted, resumed):
+    assert straight.keys() == resumed.keys()
+    differing = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not differing, f"{len(differing)} tensors differ after resuming, e.g. {differing[:3]}: " + ", ".join(
+        f"{k} max |diff| {float((straight[k] - resumed[k]).abs().max()):.2e}" for k in differing[:3])
+    # and the interruption mattered: the stopped run had not reached the final weights
+    assert any(not torch.equal(straight[k], interrupted[k]) for k in straight)
+
+
+@pytest.fixture
+def text_and_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(n),), generator=generator))
+             for n in torch.randint(6, 16, (200,), generator=generator)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    backend = Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.train_from_iterator(lines, trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], unk_token="[UNK]"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                            unk_token="[UNK]", mask_token="[MASK]").save_pretrained(tmp_path / "tokenizer")
+    return tmp_path
+
+
+COMMON = ["--max_steps", str(TOTAL_STEPS), "--save_strategy", "steps", "--save_steps", str(STOP_AT), "--seed", "0",
+          "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+          "--logging_steps", "1"]
+
+
+# Known gaps, found by these tests (strict: a fix turns them into failures until the mark is removed).
+MASKING_RNG = pytest.mark.xfail(strict=True, reason=(
+    "pretraining masks draw from torch's global RNG in the collator; accelerate's DataLoaderShard collates one batch "
+    "ahead and Trainer restores the checkpoint's RNG only after fetching the first resumed batch, so the masks after "
+    "the checkpoint differ from the uninterrupted run's (weights differ by ~1e-3)"))
+SIFT_GENERATOR = pytest.mark.xfail(strict=True, reason=(
+    "SiFTCallback draws its perturbations from a private torch.Generator seeded at install; its state is not in the "
+    "checkpoint, so a resumed run restarts the stream (weights differ by ~1e-7)"))
+
+
+@pytest.mark.skipif(not PRETRAIN.is_file(), reason="scripts/pretrain.py not written yet")
+@pytest.mark.parametrize("objective", [pytest.param("mlm", marks=MASKING_RNG), pytest.param("rtd", marks=MASKING_RNG)])
+def test_pretraining_resumes_to_the_same_weights(text_and_tokenizer, tmp_path, monkeypatch, objective):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    script = load_script(PRETRAIN)
+    argv = ["--objective", objective, "--model_preset", "tiny", "--tokenizer", str(text_and_tokenizer / "tokenizer"),
+            "--train_files", str(text_and_tokenizer / "train.txt"), "--validation_split_percentage", "0",
+            "--max_seq_length", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--warmup_steps", "1", *COMMON]
+    try:
+        assert_resumed_exactly(*run_three_ways(script, argv, tmp_path / objective, monkeypatch))
+    finally:
+        sys.modules.pop(script.__name__, None)
+
+
+@pytest.mark.skipif(not RUN_GLUE.is_file(), reason="scripts/run_glue.py not written yet")
+@pytest.mark.parametrize("sift", [False, pytest.param(True, marks=SIFT_GENERATOR)], ids=["plain", "sift"])
+def test_glue_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch, sift):
+    """The bundled SST-2 demo (tiny model from scratch), with dropout on, and with SiFT's random perturbations."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    script = load_script(RUN_GLUE)
+    argv = ["--demo", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
+            "--do_eval", "false", *COMMON] + (["--sift"] if sift else [])
+    try:
+        assert_resumed_exactly(*run_three_ways(script, argv, tmp_path / "glue", monkeypatch))
+    finally:
+        sys.modules.pop(script.__name__, None)
