@@ -6,7 +6,8 @@ Training-only code: the modeling files never import it, and it is not copied nex
     (the official DeBERTa-v3 one) as a transformers fast tokenizer that reproduces SentencePiece's ids exactly.
   * `group_texts` / `tokenize_and_group`: plain text -> blocks of exactly max_seq_length tokens, [CLS] ... [SEP].
   * `DebertaMaskingCollator`: masked-LM masking (80/10/10 by default), optionally of whole words, for the masked-LM
-    objective and for the generator of replaced-token detection.
+    objective and for the generator of replaced-token detection; `MaskingSeedCallback` keeps its masks reproducible
+    across an interrupted and resumed training run.
   * `PretrainingMetrics` (evaluation) and `LossTermsCallback` (training logs): the loss terms and accuracies.
 """
 
@@ -19,9 +20,13 @@ import shutil
 from dataclasses import dataclass, field, fields
 from itertools import chain
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SPM_SPECIAL_TOKENS = dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]",
                           mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
@@ -197,7 +202,18 @@ class DebertaMaskingCollator:
     ([MASK], random or kept), so no word is left half visible. A block that starts in the middle of a word treats the
     leading pieces as a word.
 
-    Randomness comes from torch's global generator, which Trainer seeds and checkpoints."""
+    Randomness: every batch is masked with a fresh torch.Generator seeded from (`seed`, `process_index`, stream,
+    epoch, batch index), never from torch's global generator. The masks of a batch therefore depend only on where it
+    stands in training, not on when it is collated: Trainer (through accelerate) collates one batch ahead and restores
+    the global generator of a checkpoint only after that, and evaluation collates its own batches in between.
+    The position advances by one per call (by the number of workers inside a DataLoader worker, since DataLoader
+    hands batches to its workers in turn). Training and evaluation are separate streams: `start_epoch` sets the
+    training position (epoch, first batch), `begin_evaluation` switches to an evaluation stream started afresh (so
+    every evaluation masks its data alike), `end_evaluation` switches back with the training position untouched.
+    `MaskingSeedCallback` drives all three from Trainer's state. Used on its own, a collator masks successive calls
+    as successive training batches of epoch 0."""
+
+    STREAMS = ("train", "eval")  # not a field: the streams' ids in the seed key
 
     tokenizer: PreTrainedTokenizerBase
     mask_probability: float = 0.15
@@ -205,6 +221,10 @@ class DebertaMaskingCollator:
     random_replace_prob: float = 0.1
     whole_word_mask: bool = False
     pad_to_multiple_of: int | None = None
+    seed: int = 0
+    process_index: int = 0
+    _stream: str = field(init=False, repr=False, default="train")
+    _positions: dict = field(init=False, repr=False)  # stream -> [epoch, index of the next batch]
     _special_ids: torch.Tensor = field(init=False, repr=False)
     _random_candidates: torch.Tensor = field(init=False, repr=False)
     _word_starts: torch.Tensor | None = field(init=False, repr=False, default=None)
@@ -219,6 +239,9 @@ class DebertaMaskingCollator:
             raise ValueError("The tokenizer has no mask token")
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no padding token")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        self._positions = {"train": [0, 0], "eval": [0, 0]}
         self._special_ids = torch.tensor(special_token_ids(self.tokenizer), dtype=torch.long)
         vocabulary = torch.arange(len(self.tokenizer))
         self._random_candidates = vocabulary[~torch.isin(vocabulary, self._special_ids)]
@@ -250,15 +273,44 @@ class DebertaMaskingCollator:
         for i, row in enumerate(rows):
             input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, :len(row)] = 1
-        input_ids, labels = self.mask_tokens(input_ids, attention_mask)
+        input_ids, labels = self.mask_tokens(input_ids, attention_mask, generator=self._next_batch_generator())
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def start_epoch(self, epoch: int, first_batch: int = 0):
+        """Mask the coming batches as training batches `first_batch`, `first_batch` + 1, ... of epoch `epoch`."""
+        self._positions["train"] = [epoch, first_batch]
+        self._stream = "train"
+
+    def begin_evaluation(self):
+        """Mask the coming batches from the start of the evaluation stream; the training position is kept."""
+        self._positions["eval"] = [0, 0]
+        self._stream = "eval"
+
+    def end_evaluation(self):
+        """Back to the training stream, at the training batch that follows the last one masked."""
+        self._stream = "train"
+
+    def _next_batch_generator(self) -> torch.Generator:
+        position = self._positions[self._stream]
+        epoch, batch = position
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            position[1] += 1
+        else:  # this worker's copy of the collator gets batches worker.id, worker.id + num_workers, ...
+            batch += worker.id
+            position[1] += worker.num_workers
+        key = [self.seed, self.process_index, self.STREAMS.index(self._stream), epoch, batch]
+        seed = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]  # mixes the key into 64 bits
+        return torch.Generator().manual_seed(int(seed))
 
     def eligible(self, input_ids, attention_mask) -> torch.Tensor:
         """[B, N] bool: tokens that may be masked (not special, not padding)."""
         return attention_mask.bool() & ~torch.isin(input_ids, self._special_ids)
 
-    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Returns (masked input_ids, labels); the input tensor is not modified."""
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    generator: torch.Generator | None = None):
+        """Returns (masked input_ids, labels), drawn from `generator` (torch's global one if None); the input tensor
+        is not modified."""
         eligible = self.eligible(input_ids, attention_mask)
         if self.whole_word_mask:
             # Word index of every token: a new word at each word-start piece, at each ineligible token and at the
@@ -268,11 +320,11 @@ class DebertaMaskingCollator:
             starts[:, 0] = True
             word_index = starts.flatten().long().cumsum(0).view_as(input_ids) - 1  # [B, N]
             num_words = int(word_index.max()) + 1
-            selected = (torch.rand(num_words) < self.mask_probability)[word_index] & eligible
-            decision = torch.rand(num_words)[word_index]
+            selected = (torch.rand(num_words, generator=generator) < self.mask_probability)[word_index] & eligible
+            decision = torch.rand(num_words, generator=generator)[word_index]
         else:
-            selected = (torch.rand(input_ids.shape) < self.mask_probability) & eligible
-            decision = torch.rand(input_ids.shape)
+            selected = (torch.rand(input_ids.shape, generator=generator) < self.mask_probability) & eligible
+            decision = torch.rand(input_ids.shape, generator=generator)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
         to_mask = selected & (decision < self.mask_replace_prob)
         to_random = selected & (decision >= self.mask_replace_prob) & (
@@ -281,9 +333,69 @@ class DebertaMaskingCollator:
         if self.mask_replace_prob > 0:
             masked[to_mask] = self.tokenizer.mask_token_id
         if to_random.any():
-            picks = torch.randint(len(self._random_candidates), (int(to_random.sum()),))
+            picks = torch.randint(len(self._random_candidates), (int(to_random.sum()),), generator=generator)
             masked[to_random] = self._random_candidates[picks]
         return masked, labels
+
+
+class MaskingSeedCallback(TrainerCallback):
+    """Keeps the masks of a `DebertaMaskingCollator` in step with Trainer's state, so that a run resumed from a
+    checkpoint masks every later batch exactly as the uninterrupted run does, and evaluations leave training masks
+    alone. Install it with `trainer.add_callback(MaskingSeedCallback(collator))`, after Trainer's own callbacks.
+
+      * on_epoch_begin: the training position. Trainer is at step global_step; with S optimizer steps per epoch
+        (ceil(batches / gradient_accumulation_steps)) this is epoch global_step // S, whose first
+        (global_step % S) * gradient_accumulation_steps batches Trainer skips after a resume. It skips them in the
+        batch sampler (map-style datasets), so the collator never sees them: its first batch is the next one.
+        The process index goes into the seed, so that the processes of a distributed run mask differently.
+      * Evaluation: Trainer evaluates right after an on_step_end or on_epoch_end that leaves control.should_evaluate
+        set, and reports on_evaluate when done; the batches in between are evaluation batches (the training batch
+        collated ahead was collated before on_step_end). Before the first epoch (eval_on_start) and after training
+        the collator is in its evaluation stream too, started afresh for each evaluation.
+
+    Not exact with dataloader_persistent_workers (workers then keep the collator they copied in the first epoch) nor
+    with dataloader_in_order=False (batches then go to workers out of turn); masks still differ from batch to batch."""
+
+    def __init__(self, collator: DebertaMaskingCollator):
+        self.collator = collator
+        self._evaluating_mid_training = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.collator.process_index = args.process_index
+        self.collator.begin_evaluation()
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            logger.warning("With dataloader_persistent_workers, masks after a resume differ from an uninterrupted run")
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        accumulation = args.gradient_accumulation_steps
+        try:
+            steps_per_epoch = max(math.ceil(len(train_dataloader) / accumulation), 1)
+        except TypeError:  # no length (an iterable dataset): one endless epoch, skipped batches are collated too
+            self.collator.start_epoch(0, 0)
+            return
+        epoch, step = divmod(state.global_step, steps_per_epoch)
+        self.collator.start_epoch(epoch, 0 if args.ignore_data_skip else step * accumulation)
+
+    def _begin_evaluation_if_due(self, control):
+        if control.should_evaluate:
+            self.collator.begin_evaluation()
+            self._evaluating_mid_training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._begin_evaluation_if_due(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._begin_evaluation_if_due(control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._evaluating_mid_training:
+            self.collator.end_evaluation()
+            self._evaluating_mid_training = False
+        else:  # an evaluation outside training: the next one starts the evaluation stream afresh as well
+            self.collator.begin_evaluation()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.collator.begin_evaluation()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -426,6 +538,7 @@ class LossTermsCallback(TrainerCallback):
 __all__ = [
     "DebertaMaskingCollator",
     "LossTermsCallback",
+    "MaskingSeedCallback",
     "PretrainingMetrics",
     "group_texts",
     "load_pretraining_tokenizer",

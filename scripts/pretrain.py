@@ -44,6 +44,7 @@ from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForMaskedL
 from modeling_deberta_custom.pretraining import (
     DebertaMaskingCollator,
     LossTermsCallback,
+    MaskingSeedCallback,
     PretrainingMetrics,
     load_pretraining_tokenizer,
     tokenize_and_group,
@@ -221,6 +222,7 @@ def main(argv=None):
     collator = DebertaMaskingCollator.for_objective(
         tokenizer, args.objective, mask_probability, whole_word_mask=args.whole_word_masking,
         mask_replace_prob=args.mask_replace_prob, random_replace_prob=args.random_replace_prob,
+        seed=training_args.seed,
     )
     metrics = PretrainingMetrics(args.objective)
     trainer = Trainer(
@@ -235,6 +237,8 @@ def main(argv=None):
     )
     # First in line, so that the reporting integrations and the progress bar see the train_* terms it adds.
     trainer.callback_handler.callbacks.insert(0, LossTermsCallback())
+    # Masks keyed by the position in training, so that a resumed run masks as the uninterrupted one (see the class).
+    trainer.add_callback(MaskingSeedCallback(collator))
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):

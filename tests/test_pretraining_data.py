@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from modeling_deberta_custom import DebertaCustomForRTDPreTraining
 from modeling_deberta_custom.pretraining import (
     DebertaMaskingCollator,
+    MaskingSeedCallback,
     PretrainingMetrics,
     group_texts,
     tokenize_and_group,
@@ -146,6 +147,77 @@ def test_invalid_settings_are_rejected():
         DebertaMaskingCollator(TOKENIZER, mask_replace_prob=0.8, random_replace_prob=0.3)
     with pytest.raises(ValueError, match="objective"):
         DebertaMaskingCollator.for_objective(TOKENIZER, "clm", 0.15)
+
+
+def masks_at(collator, examples, epoch, batch):
+    collator.start_epoch(epoch, batch)
+    output = collator(examples)
+    return torch.cat([output["input_ids"], output["labels"]])
+
+
+@pytest.mark.parametrize("whole_word_mask", [False, True])
+def test_masks_are_a_function_of_the_seed_and_the_batch_position(whole_word_mask):
+    """Reproducible across an interruption: the masks of a batch depend on (seed, process, epoch, batch index) only,
+    not on torch's global generator or on what was collated before; each of those changes them."""
+    examples, _ = word_batch(rows=8, words=20)
+    collator = DebertaMaskingCollator(TOKENIZER, whole_word_mask=whole_word_mask, seed=7)
+    reference = masks_at(collator, examples, epoch=1, batch=5)
+    torch.manual_seed(123)  # the global generator plays no part
+    collator(examples)
+    assert torch.equal(masks_at(collator, examples, 1, 5), reference)
+    assert torch.equal(masks_at(DebertaMaskingCollator(TOKENIZER, whole_word_mask=whole_word_mask, seed=7),
+                                examples, 1, 5), reference)
+    collator.start_epoch(1, 4)
+    collator(examples)
+    assert torch.equal(collator(examples)["labels"], reference[len(examples):])  # the counter advances by one a call
+    for other in (masks_at(collator, examples, 1, 6), masks_at(collator, examples, 2, 5),
+                  masks_at(DebertaMaskingCollator(TOKENIZER, whole_word_mask=whole_word_mask, seed=8), examples, 1, 5),
+                  masks_at(DebertaMaskingCollator(TOKENIZER, whole_word_mask=whole_word_mask, seed=7,
+                                                  process_index=1), examples, 1, 5)):
+        assert not torch.equal(other, reference)
+
+
+def test_evaluation_masks_are_a_stream_of_their_own():
+    """Evaluation batches neither use nor move the training position, and every evaluation masks alike."""
+    examples, _ = word_batch(rows=8, words=20)
+    collator = DebertaMaskingCollator(TOKENIZER, seed=7)
+    train_5 = masks_at(collator, examples, 0, 5)
+    train_6 = collator(examples)["labels"]
+    collator.start_epoch(0, 5)
+    collator(examples)
+    collator.begin_evaluation()
+    first_evaluation = [collator(examples)["labels"] for _ in range(2)]
+    collator.end_evaluation()
+    assert torch.equal(collator(examples)["labels"], train_6)
+    collator.begin_evaluation()
+    assert all(torch.equal(collator(examples)["labels"], labels) for labels in first_evaluation)
+    assert not any(torch.equal(labels, train_5[len(examples):]) for labels in first_evaluation)
+
+
+def test_masking_callback_follows_trainer_positions_and_evaluations():
+    """The epoch and first batch Trainer trains on (after a resume it skips the batches of the steps done), and the
+    evaluation stream between a step that asks for an evaluation and on_evaluate."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    examples, _ = word_batch(rows=4, words=10)
+    collator = DebertaMaskingCollator(TOKENIZER, seed=3)
+    callback = MaskingSeedCallback(collator)
+    args = SimpleNamespace(process_index=1, gradient_accumulation_steps=2, ignore_data_skip=False,
+                           dataloader_persistent_workers=False, dataloader_num_workers=0)
+    control = TrainerControl()
+    five_batches = [None] * 5  # 5 batches per epoch, 2 per step: 3 optimizer steps per epoch
+    callback.on_train_begin(args, SimpleNamespace(global_step=4), control)
+    callback.on_epoch_begin(args, SimpleNamespace(global_step=4), control, train_dataloader=five_batches)
+    expected = DebertaMaskingCollator(TOKENIZER, seed=3, process_index=1)
+    assert torch.equal(collator(examples)["labels"], masks_at(expected, examples, epoch=1, batch=2)[len(examples):])
+    control.should_evaluate = True
+    callback.on_step_end(args, SimpleNamespace(global_step=5), control)
+    expected.begin_evaluation()
+    assert torch.equal(collator(examples)["labels"], expected(examples)["labels"])
+    callback.on_evaluate(args, SimpleNamespace(global_step=5), control)
+    assert torch.equal(collator(examples)["labels"], masks_at(expected, examples, epoch=1, batch=3)[len(examples):])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -116,17 +116,13 @@ COMMON = ["--max_steps", str(TOTAL_STEPS), "--save_strategy", "steps", "--save_s
 
 
 # Known gaps, found by these tests (strict: a fix turns them into failures until the mark is removed).
-MASKING_RNG = pytest.mark.xfail(strict=True, reason=(
-    "pretraining masks draw from torch's global RNG in the collator; accelerate's DataLoaderShard collates one batch "
-    "ahead and Trainer restores the checkpoint's RNG only after fetching the first resumed batch, so the masks after "
-    "the checkpoint differ from the uninterrupted run's (weights differ by ~1e-3)"))
 SIFT_GENERATOR = pytest.mark.xfail(strict=True, reason=(
     "SiFTCallback draws its perturbations from a private torch.Generator seeded at install; its state is not in the "
     "checkpoint, so a resumed run restarts the stream (weights differ by ~1e-7)"))
 
 
 @pytest.mark.skipif(not PRETRAIN.is_file(), reason="scripts/pretrain.py not written yet")
-@pytest.mark.parametrize("objective", [pytest.param("mlm", marks=MASKING_RNG), pytest.param("rtd", marks=MASKING_RNG)])
+@pytest.mark.parametrize("objective", ["mlm", "rtd"])
 def test_pretraining_resumes_to_the_same_weights(text_and_tokenizer, tmp_path, monkeypatch, objective):
     import datasets
 
