@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SHARED_DATA, perturb_parameters, tiny_config
+from conftest import REPO_ROOT, SHARED_DATA, perturb_parameters, tiny_config
 from transformers import AutoTokenizer, pipeline
 
 from modeling_deberta_custom import (
@@ -298,49 +298,14 @@ def test_question_answering(checkpoints):
 # The README snippet, run as written (paths substituted)
 # ----------------------------------------------------------------------------------------------------------------------
 
-README_SNIPPET = '''
-import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline
+def _readme_snippet() -> str:
+    """The serving block of README.md (the python fence after the serving-snippet marker), so the two cannot drift."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    after_marker = text.split("<!-- serving-snippet -->", 1)[1]
+    return after_marker.split("```python\n", 1)[1].split("```", 1)[0]
 
-import modeling_deberta_custom  # noqa: F401  (registers deberta_custom with the Auto classes)
 
-texts = ["A short review.", "A much longer review that goes on about the plot for a while. " * 8]
-
-# batch_size groups inputs into one forward pass; padding each input to a multiple of 64 tokens keeps the tensor
-# shapes to a few sizes however the lengths vary, so the allocator reuses the same blocks (steady memory).
-classifier = pipeline("text-classification", model="path/to/sst2-model")
-print(classifier(texts, batch_size=16, truncation=True, padding=True, pad_to_multiple_of=64))
-
-# Fill-mask runs the Enhanced Mask Decoder; tokenizer options go through tokenizer_kwargs.
-fill = pipeline("fill-mask", model="path/to/mlm-model")
-print(fill(f"Paris is the {fill.tokenizer.mask_token} of France.", top_k=3,
-           tokenizer_kwargs={"truncation": True, "padding": True, "pad_to_multiple_of": 64}))
-
-# Token classification; "simple" merges sub-word pieces into words (needs a fast tokenizer).
-ner = pipeline("token-classification", model="path/to/ner-model", aggregation_strategy="simple")
-print(ner(texts, batch_size=16))
-
-# Question answering: transformers 4.x has pipeline("question-answering"); transformers 5 removed it, and the span
-# comes straight from the model's start and end logits and the tokenizer's character offsets.
-tokenizer = AutoTokenizer.from_pretrained("path/to/qa-model")
-model = AutoModelForQuestionAnswering.from_pretrained("path/to/qa-model").eval()
-question, context = "Who wrote the book?", "The book was written by Alice in Paris."
-encoded = tokenizer(question, context, truncation="only_second", max_length=512, return_offsets_mapping=True,
-                    return_tensors="pt")
-offsets = encoded.pop("offset_mapping")[0]
-in_context = torch.tensor([s == 1 for s in encoded.sequence_ids(0)])  # tokens of the context, not the question
-with torch.inference_mode():
-    out = model(**encoded)
-start = int(out.start_logits[0].masked_fill(~in_context, float("-inf")).argmax())
-end = start + int(out.end_logits[0, start:start + 30].masked_fill(~in_context[start:start + 30], float("-inf")).argmax())
-print(context[offsets[start][0]:offsets[end][1]])
-
-# Without a pipeline: the same batching and bucket padding around a plain forward pass.
-batch = classifier.tokenizer(texts, padding=True, pad_to_multiple_of=64, truncation=True, return_tensors="pt")
-with torch.inference_mode():
-    probabilities = classifier.model(**batch).logits.softmax(-1)
-print(probabilities)
-'''
+README_SNIPPET = _readme_snippet()
 SNIPPET_PATHS = {"path/to/sst2-model": "text-classification", "path/to/mlm-model": "fill-mask",
                  "path/to/ner-model": "token-classification", "path/to/qa-model": "question-answering"}
 
