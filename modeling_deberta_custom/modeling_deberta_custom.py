@@ -81,15 +81,16 @@ class RelativePositions(NamedTuple):
     Nq - 1 ([Nq + Nk - 1]). Only rows [first_row, first_row + num_rows) of the table are ever read, and `rows` counts
     from first_row: the attention layers project only that slice. `one_row_per_distance` is True when
     rows == arange(num_rows) (no bucket merges two distances, none is clamped: sequences up to position_buckets / 2):
-    the projected slice is then already laid out by distance. `index` [Nq, Nk] and `index_t` [Nk, Nq] hold the
-    row of every pair (rows[i - j + Nk - 1]) and its transpose, materialised only when the fast path gathers."""
+    the projected slice is then already laid out by distance. Otherwise `index` [Nq, Nk] holds the row of every
+    pair (rows[i - j + Nk - 1]) for the gathers, and `flat_index` [Nq, Nk] = index * Nk + j the place of pair
+    (i, j) in [R, Nk] products flattened (the fast path's p2c gather)."""
 
     rows: torch.Tensor
     first_row: int
     num_rows: int
     one_row_per_distance: bool
     index: torch.Tensor | None = None
-    index_t: torch.Tensor | None = None
+    flat_index: torch.Tensor | None = None
 
 
 def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
@@ -132,16 +133,21 @@ def _one_row_per_distance(query_length: int, key_length: int, config: DebertaCus
     return longest <= limit
 
 
-# The fast path lays the position products out by distance (N x (Nq + Nk - 1) products, no gather) while there are
-# at most this many distances per table row, and gathers from products against the table rows (N x 2S, then an
-# N x N gather for each term) beyond: measured on CPU (scripts/benchmark.py), gathers win from about 2048 tokens.
-DISTANCE_LAYOUT_MAX_RATIO = 2
+# The fast path lays the position products out by distance (N x (Nq + Nk - 1) products, then strided views, no
+# gather) or by table row (N x R products, then one gather per term). Measured on CPU (scripts/benchmark.py): when
+# every distance has a row of its own the two cost the same products and the distance layout saves the gathers;
+# otherwise gathering is faster for inference, but torch.gather keeps its [N, R] input for backward, so training
+# stays with the distance layout while there are at most this many distances per table row (sequences up to about
+# 1000 tokens with 256 buckets), which keeps no tensor larger than the projections for backward.
+DISTANCE_LAYOUT_MAX_RATIO_TRAINING = 2
 
 
-def uses_distance_layout(relative: RelativePositions, query_length: int, key_length: int) -> bool:
+def uses_distance_layout(relative: RelativePositions, query_length: int, key_length: int, for_backward: bool) -> bool:
     if _exporting():
         return False
-    return relative.one_row_per_distance or query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO * relative.num_rows
+    if relative.one_row_per_distance:
+        return True
+    return for_backward and query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO_TRAINING * relative.num_rows
 
 
 def relative_positions(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> RelativePositions:
@@ -152,14 +158,9 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
         num_rows = query_length + key_length - 1
         return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows, True)
     rows = relative_distance_rows(query_length, key_length, config, device)
-    relative = RelativePositions(rows, 0, 2 * config.relative_span, False)
-    if uses_distance_layout(relative, query_length, key_length):
-        return relative
-    index = pair_index(rows, query_length, key_length)  # [Nq, Nk]
-    key_ids = torch.arange(key_length, device=device)[:, None]
-    query_ids = torch.arange(query_length, device=device)[None, :]
-    index_t = rows[query_ids - key_ids + key_length - 1]  # [Nk, Nq]: index transposed, laid out for a fast gather
-    return relative._replace(index=index, index_t=index_t)
+    index = pair_index(rows, query_length, key_length)
+    flat_index = index * key_length + torch.arange(key_length, device=device)
+    return RelativePositions(rows, 0, 2 * config.relative_span, False, index, flat_index)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,108 +203,160 @@ def _diagonals(by_distance: torch.Tensor, columns: int) -> torch.Tensor:
     return flat[..., rows - 1:rows - 1 + rows * (length - 1)].unflatten(-1, (rows, length - 1))[..., :columns]
 
 
-def position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance):
-    """The fast path's position products, scaled, heads-major: c2p [H, B, Nq, W] = Q_c K_r^T and
-    p2c [H, B, Nk, W] = K_c Q_r^T (each None when its term is off), where the W columns are either the distances
-    (by_distance: W = Nq + Nk - 1, c2p column c <-> d = Nq - 1 - c, p2c column c <-> d = c - (Nk - 1)) or the R table
-    rows. Also returns the key bias [B, Nk]: 0 for keys to attend, half the dtype's minimum for masked ones (finite
-    in half precision once summed); it is already added to the rows of p2c (they are keys), so that it costs no pass
-    over [Nq, Nk] later.
+def key_bias_of(key_mask, dtype):
+    """[B, 1, 1, Nk] bool -> [B, Nk]: 0 for keys to attend, half the dtype's minimum for masked ones (it stays
+    finite in half precision once the position terms are added)."""
+    batch, key_length = key_mask.shape[0], key_mask.shape[-1]
+    key_bias = torch.zeros(batch, key_length, dtype=dtype, device=key_mask.device)
+    return key_bias.masked_fill(~key_mask.reshape(batch, key_length), torch.finfo(dtype).min / 2)
 
-    The products run heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is
-    one plain matrix product with its table and no table is copied per batch entry."""
+
+def _table_operand(table, scale):
+    """[H, W, D] -> scaled [H, D, W'] contiguous, W' = W rounded up to a multiple of 16 with zero columns."""
+    operand = (table.transpose(-1, -2) * scale).contiguous()
+    width = operand.shape[-1]
+    return operand if width % 16 == 0 else F.pad(operand, (0, 16 - width % 16))
+
+
+def position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance):
+    """The fast path's position products, scaled, heads-major, each None when its term is off:
+
+    - by distance: c2p [H, B, Nq, W] = Q_c K_r^T over the table rows of d = Nq - 1 down to -(Nk - 1) and
+      p2c [H, B, Nk, W] = K_c Q_r^T over those of d = -(Nk - 1) up to Nq - 1 (W >= Nq + Nk - 1);
+    - by table row: c2p [H, B, Nq, R] = Q_c K_r^T and p2c [H, B, R, Nk] = Q_r K_c^T (keys last, so that the gather
+      of position_bias lands p2c in the same [query, key] layout as c2p).
+
+    The key bias [B, Nk] is added along p2c's keys, so that masking costs no pass over [Nq, Nk]. The query products
+    run heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is one plain matrix
+    product with its table and no table is copied per batch entry; tables enter as contiguous operands padded to a
+    multiple of 16 columns (CPU GEMMs take twice as long on an odd width; the extra columns are never read)."""
     batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    key_bias = torch.zeros(batch, key_length, dtype=query.dtype, device=query.device)
-    key_bias = key_bias.masked_fill(~key_mask.reshape(batch, key_length), torch.finfo(query.dtype).min / 2)
     c2p = p2c = None
     if pos_key is not None:
         if by_distance:  # the table rows of d = Nq - 1, Nq - 2, ..., -(Nk - 1)
             pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
         query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
-        c2p = torch.bmm(query, pos_key.transpose(-1, -2) * scale).view(heads, batch, query_length, -1)
+        c2p = torch.bmm(query, _table_operand(pos_key, scale)).view(heads, batch, query_length, -1)
     if pos_query is not None:
         if by_distance:  # the table rows of d = -(Nk - 1), ..., Nq - 1
             pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
-        key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
-        p2c = torch.bmm(key, pos_query.transpose(-1, -2) * scale).view(heads, batch, key_length, -1)
-        p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
-    return c2p, p2c, key_bias
+            key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
+            p2c = torch.bmm(key, _table_operand(pos_query, scale)).view(heads, batch, key_length, -1)
+            p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
+        else:
+            pos_query = pos_query * scale  # [H, R, D]
+            p2c = torch.matmul(pos_query[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
+            p2c = p2c.add_(key_bias[:, None, :])
+    return c2p, p2c
 
 
-def position_bias(c2p, p2c, key_bias, relative, by_distance, start, stop):
+def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start, stop):
     """Query rows [start, stop) of c2p + p2c with masked keys at a large negative value: the additive mask
     [B, H, stop - start, Nk] that SDPA reads (a view of a heads-major tensor, which it takes as it is).
 
     By distance, c2p[i, j] sits at column j - i + Nq - 1 of row i, so c2p is a strided view of the products
-    (_diagonals, no gather), and p2c likewise along the keys; one add writes the result. By table row, each term
-    is one gather with the index prepared once per forward."""
+    (_diagonals, no gather), and p2c likewise along the keys; one add writes the result. By table row, c2p gathers
+    along the rows of its products, and p2c from its products flattened (p2c[i, j] = p2c_products[index[i, j], j]
+    at flat_index[i, j]), so that both come out in [query, key] order and the add reads them in order (reading p2c
+    transposed would cost as much as both gathers together)."""
+    key_length = key_bias.shape[-1]
     if by_distance:
         if c2p is not None:
-            c2p = _diagonals(c2p, key_bias.shape[-1])[:, :, start:stop]  # [H, B, rows, Nk]
+            c2p = _diagonals(c2p, key_length)[:, :, start:stop]  # [H, B, rows, Nk]
         if p2c is not None:
-            query_length = p2c.shape[-1] - p2c.shape[-2] + 1  # W = Nq + Nk - 1 columns
             p2c = _diagonals(p2c, query_length)[..., start:stop].transpose(-1, -2)  # [H, B, rows, Nk]
+        if c2p is not None and p2c is not None:
+            return (c2p + p2c).transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
     else:
         heads, batch = (c2p if c2p is not None else p2c).shape[:2]
-        key_length = key_bias.shape[-1]
+        rows = stop - start
         if c2p is not None:
-            index = relative.index[start:stop].expand(heads, batch, stop - start, key_length)
+            index = relative.index[start:stop].expand(heads, batch, rows, key_length)
             c2p = torch.gather(c2p[:, :, start:stop], -1, index)
         if p2c is not None:
-            index = relative.index_t[:, start:stop].expand(heads, batch, key_length, stop - start)
-            p2c = torch.gather(p2c, -1, index).transpose(-1, -2)
+            index = relative.flat_index[start:stop].reshape(1, 1, rows * key_length).expand(heads, batch, -1)
+            p2c = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, key_length)
+        if c2p is not None and p2c is not None:
+            return c2p.add_(p2c).transpose(0, 1)  # in place: the gathers' backward does not need their results
     if c2p is None:
-        bias = p2c.contiguous()
-    elif p2c is None:
-        bias = c2p + key_bias[:, None, :]
-    else:
-        bias = c2p + p2c
-    return bias.transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
+        return p2c.contiguous().transpose(0, 1)
+    return (c2p + key_bias[:, None, :]).transpose(0, 1)
 
 
 def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale):
     """c2p + p2c for every pair, scaled, masked keys at a large negative value: [B, H, Nq, Nk]. The same values as
     eager_attention's position terms, built without [Nq, Nk] intermediates (position_products, position_bias)."""
-    by_distance = uses_distance_layout(relative, query.shape[-2], key.shape[-2])
-    c2p, p2c, key_bias = position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance)
-    return position_bias(c2p, p2c, key_bias, relative, by_distance, 0, query.shape[-2])
+    query_length = query.shape[-2]
+    by_distance = uses_distance_layout(relative, query_length, key.shape[-2], _needs_backward(query, key, pos_key,
+                                                                                              pos_query))
+    key_bias = key_bias_of(key_mask, query.dtype)
+    c2p, p2c = position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance)
+    return position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
 
 
-# Long sequences attend in blocks of query rows, so that each block's additive mask stays near this many elements
-# (16 MiB in fp32): it then stays in cache between its construction and SDPA, and the allocator recycles its
-# memory instead of mapping fresh pages for every layer.
-MASK_BLOCK_ELEMENTS = 1 << 22
+def _needs_backward(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _query_rows_per_block(batch, heads, query_length, key_length):
+# The fast path works through heads in groups, and through the query rows of long sequences in blocks, so that no
+# intermediate (position products, additive mask) of a group exceeds about this many elements (16 MiB in fp32):
+# they stay in cache between construction and use, and the allocator recycles their memory rather than mapping
+# fresh pages for every layer (glibc maps blocks above 32 MiB anew each time, at ~1 ms per MiB on small VMs).
+TILE_ELEMENTS = 1 << 22
+MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
+
+
+def _attention_tiles(batch, heads, query_length, key_length, width, for_backward):
+    """(heads per group, query rows per block) for the fast path: what keeps the products ([Nq + Nk, W] per head)
+    and the additive mask ([rows, Nk] per head) of one tile within TILE_ELEMENTS. Training keeps whole heads: its
+    tensors live until backward anyway, and blocks of query rows would each send a full-size gradient back into
+    the products. One tile while compiling or tracing, where the compiler plans memory itself."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return query_length  # one graph for every length: the compiler fuses the mask construction itself
-    return max(64, MASK_BLOCK_ELEMENTS // (batch * heads * key_length))
+        return heads, query_length
+    products = batch * (query_length + key_length) * width  # per head
+    mask = batch * query_length * key_length  # per head, all rows
+    heads_per_group = max(1, min(heads, TILE_ELEMENTS // (products + mask)))
+    rows_per_block = query_length
+    if heads_per_group == 1 and products + mask > TILE_ELEMENTS and not for_backward:
+        rows_per_block = max(MIN_BLOCK_ROWS, (TILE_ELEMENTS - products) // (batch * key_length))
+    return heads_per_group, rows_per_block
 
 
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
     """Fast path: torch's fused scaled_dot_product_attention with the position terms as its additive mask, built
-    from the products (position_products) for blocks of query rows (position_bias). Does not return probabilities."""
+    from the position products (position_products, position_bias) one tile of heads and query rows at a time (see
+    TILE_ELEMENTS). Does not return probabilities."""
     dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
                                               scale=scale), None
     batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    by_distance = uses_distance_layout(relative, query_length, key_length)
-    c2p, p2c, key_bias = position_products(query, key, pos_key, pos_query, relative, key_mask, scale, by_distance)
-    rows = _query_rows_per_block(batch, heads, query_length, key_length)
-    if rows >= query_length:
-        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, 0, query_length)
+    for_backward = _needs_backward(query, key, pos_key, pos_query)
+    by_distance = uses_distance_layout(relative, query_length, key_length, for_backward)
+    width = query_length + key_length - 1 if by_distance else relative.num_rows
+    heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward)
+    key_bias = key_bias_of(key_mask, query.dtype)
+    if heads_per_group == heads and rows_per_block >= query_length:  # a single tile
+        c2p, p2c = position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance)
+        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
-    blocks = []
-    for start in range(0, query_length, rows):
-        stop = min(start + rows, query_length)
-        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, start, stop)
-        context = F.scaled_dot_product_attention(query[:, :, start:stop], key, value, attn_mask=bias,
-                                                 dropout_p=dropout, scale=scale)
-        blocks.append(context.transpose(1, 2))  # [B, rows, H, D]
+    groups = []
+    for first in range(0, heads, heads_per_group):
+        group = slice(first, first + heads_per_group)
+        c2p, p2c = position_products(
+            query[:, group], key[:, group], None if pos_key is None else pos_key[group],
+            None if pos_query is None else pos_query[group], relative, key_bias, scale, by_distance,
+        )
+        blocks = []
+        for start in range(0, query_length, rows_per_block):
+            stop = min(start + rows_per_block, query_length)
+            bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start, stop)
+            context = F.scaled_dot_product_attention(query[:, group, start:stop], key[:, group], value[:, group],
+                                                     attn_mask=bias, dropout_p=dropout, scale=scale)
+            blocks.append(context.transpose(1, 2))  # [B, rows, heads in group, D]
+        groups.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
     # Concatenated as [B, Nq, H, D], so that the caller's transpose back to [B, N, H * D] is a view, not a copy.
-    return torch.cat(blocks, dim=1).transpose(1, 2), None
+    return torch.cat(groups, dim=2).transpose(1, 2), None
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}

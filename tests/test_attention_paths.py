@@ -1,0 +1,352 @@
+"""The attention implementations agree with the eager reference, and the fast path keeps its promises.
+
+- `sdpa` (the default: position terms built by `disentangled_bias`, then torch's fused attention) matches `eager`
+  to 1e-5 in fp32, forward and gradients, in every layout it uses: one table row per distance (short sequences),
+  bucketed rows laid out by distance, and gathers by table row (long sequences, past the bucket range and past
+  max_position), for shared / separate position projections, c2p-only / p2c-only, DeBERTa-v1's fused projection,
+  padded batches and the Enhanced Mask Decoder's query_states.
+- Its building blocks (`_diagonals`, `relative_positions`) match their definitions, including Nq != Nk.
+- Half precision stays finite where an unscaled sum of the position terms would overflow fp16.
+- Inference stays on SDPA's flash kernel; training saves no [B, H, N, N] tensor beyond what SDPA itself saves.
+- `torch.compile(fullgraph=True)` traces the model without graph breaks (forward and backward).
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import perturb_parameters, random_batch, tiny_config
+from torch.profiler import profile
+
+from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel
+from modeling_deberta_custom.modeling_deberta_custom import (
+    _diagonals,
+    disentangled_bias,
+    eager_attention,
+    relative_position_index,
+    relative_positions,
+    sdpa_attention,
+    uses_distance_layout,
+)
+
+IMPLEMENTATIONS = ["eager", "sdpa"]
+
+# Tiny geometry: buckets 8 (mid 4, 16 table rows), max_position 64. Lengths 4 / 12 / 40 / 100 exercise one row per
+# distance, bucketed rows by distance, gathers past the bucket range, and gathers past max_position.
+CONFIGS = {
+    "v3": {},
+    "separate_position_projections": dict(share_att_key=False),
+    "c2p_only": dict(pos_att_type=["c2p"]),
+    "p2c_only": dict(pos_att_type=["p2c"]),
+    "no_buckets": dict(position_buckets=-1, max_relative_positions=12),
+    "v1_fused_projection": dict(attention_variant="v1", position_buckets=-1, share_att_key=False,
+                                norm_rel_ebd="none", max_relative_positions=12),
+    "no_relative_attention": dict(relative_attention=False, position_biased_input=True, max_position_embeddings=128),
+}
+LENGTHS = [1, 4, 12, 40, 100]
+
+
+def model_pair(model_class=DebertaCustomModel, seed=0, **overrides):
+    """The same random weights under each implementation (each model gets a config of its own)."""
+    models = {}
+    for implementation in IMPLEMENTATIONS:
+        torch.manual_seed(seed)
+        model = model_class._from_config(tiny_config(**overrides), attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        models[implementation] = model
+    perturb_parameters(models["eager"], scale=0.1, seed=seed)
+    models["sdpa"].load_state_dict(models["eager"].state_dict())
+    return models
+
+
+def assert_close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def assert_gradient_close(actual, expected, what):
+    """Gradients sum many products, so fp32 rounding grows with their size: compare relative to the largest entry
+    (1e-5 of it) rather than entry by entry."""
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def forward_and_gradients(model, inputs, output_key="last_hidden_state"):
+    model.zero_grad(set_to_none=True)
+    output = getattr(model(**inputs), output_key)
+    weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
+    (output * weights).sum().backward()
+    gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return output.detach(), gradients
+
+
+def compare_paths(models, inputs, output_key="last_hidden_state"):
+    expected, expected_gradients = forward_and_gradients(models["eager"], inputs, output_key)
+    actual, actual_gradients = forward_and_gradients(models["sdpa"], inputs, output_key)
+    assert_close(actual, expected, "output")
+    assert actual_gradients.keys() == expected_gradients.keys()
+    for name, gradient in expected_gradients.items():
+        assert_gradient_close(actual_gradients[name], gradient, f"gradient of {name}")
+    # Inference (no autograd) takes SDPA's flash kernel rather than the math fallback: check it too.
+    with torch.no_grad():
+        assert_close(getattr(models["sdpa"](**inputs), output_key), expected, "output without grad")
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_sdpa_matches_eager_forward_and_gradients(case, length):
+    models = model_pair(**CONFIGS[case])
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
+    compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
+
+
+def test_lengths_exercise_every_layout():
+    """The lengths above do reach each way disentangled_bias can lay out the position terms."""
+    config = tiny_config()
+    layouts = []
+    for length in LENGTHS:
+        relative = relative_positions(length, length, config, "cpu")
+        layouts.append("one row per distance" if relative.one_row_per_distance
+                       else "by distance" if uses_distance_layout(relative, length, length, for_backward=True) else "gather")
+    assert layouts == ["one row per distance", "one row per distance", "by distance", "gather", "gather"]
+    assert LENGTHS[-1] > config.max_position_embeddings
+
+
+def test_fully_padded_row_and_no_mask():
+    models = model_pair()
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=40)
+    attention_mask[2] = 0  # a row with no real token attends everywhere rather than nowhere
+    compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
+    compare_paths(models, dict(input_ids=input_ids))
+
+
+@pytest.mark.parametrize("length", [4, 12, 40])
+def test_enhanced_mask_decoder_query_states(length):
+    """EMD runs the last layer with query_states != hidden_states; the MLM logits must agree."""
+    models = model_pair(DebertaCustomForMaskedLM, sparse_mlm_logits=False)
+    assert models["eager"].config.uses_enhanced_mask_decoder
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=2, length=length)
+    compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask), output_key="logits")
+
+
+def test_output_attentions_uses_the_eager_probabilities():
+    models = model_pair()
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=12)
+    with torch.no_grad():
+        expected = models["eager"](input_ids, attention_mask, output_attentions=True)
+        actual = models["sdpa"](input_ids, attention_mask, output_attentions=True)
+    assert len(actual.attentions) == models["sdpa"].config.num_hidden_layers
+    for probs, reference in zip(actual.attentions, expected.attentions, strict=True):
+        assert_close(probs, reference, "attention probabilities")
+    padded = attention_mask[1] == 0
+    assert actual.attentions[0][1][..., padded].abs().max() == 0  # padding gets no attention
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (1, 4), (4, 1), (3, 5), (5, 3), (6, 6), (4, 9)])
+def test_diagonals_is_a_strided_view(rows, columns):
+    length = rows + columns - 1
+    table = torch.randn(2, 3, rows, length)
+    view = _diagonals(table, columns)
+    assert view.shape == (2, 3, rows, columns)
+    assert view.data_ptr() >= table.data_ptr() and view.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    for m in range(rows):
+        for k in range(columns):
+            assert torch.equal(view[..., m, k], table[..., m, k - m + rows - 1])
+
+
+@pytest.mark.parametrize(("query_length", "key_length"), [(4, 4), (3, 5), (5, 2), (12, 12), (9, 14), (40, 40),
+                                                          (30, 70), (100, 100)])
+@pytest.mark.parametrize("case", ["v3", "no_buckets"])
+def test_relative_positions_match_the_pair_index(case, query_length, key_length):
+    config = tiny_config(**CONFIGS[case])
+    relative = relative_positions(query_length, key_length, config, "cpu")
+    expected = relative_position_index(query_length, key_length, config, "cpu")  # rows of the full 2S table
+    distances = torch.arange(query_length)[:, None] - torch.arange(key_length)[None, :]
+    assert torch.equal(relative.rows[distances + key_length - 1] + relative.first_row, expected)
+    assert relative.first_row >= 0 and relative.first_row + relative.num_rows <= 2 * config.relative_span
+    if relative.one_row_per_distance:
+        assert torch.equal(relative.rows, torch.arange(relative.num_rows))
+    if relative.one_row_per_distance:
+        assert relative.index is None
+    else:
+        assert torch.equal(relative.index, expected)
+
+
+@pytest.mark.parametrize(("query_length", "key_length"), [(3, 5), (5, 2), (9, 14), (30, 70), (70, 30)])
+@pytest.mark.parametrize("terms", [["c2p", "p2c"], ["c2p"], ["p2c"]])
+def test_fast_attention_function_with_unequal_lengths(query_length, key_length, terms):
+    """sdpa_attention against eager_attention directly, Nq != Nk, a masked key in every batch entry."""
+    config = tiny_config()
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, head_size = 2, 3, 8
+    relative = relative_positions(query_length, key_length, config, "cpu")
+    query = torch.randn(batch, heads, query_length, head_size, generator=generator)
+    key, value = (torch.randn(batch, heads, key_length, head_size, generator=generator) for _ in range(2))
+    pos_key, pos_query = (torch.randn(heads, relative.num_rows, head_size, generator=generator) for _ in range(2))
+    pos_key = pos_key if "c2p" in terms else None
+    pos_query = pos_query if "p2c" in terms else None
+    key_mask = torch.ones(batch, 1, 1, key_length, dtype=torch.bool)
+    key_mask[0, ..., -1] = key_mask[1, ..., 0] = False
+    args = (query, key, value, pos_key, pos_query, relative, key_mask, 0.2, 0.0, False)
+    expected, probs = eager_attention(*args)
+    actual, _ = sdpa_attention(*args)
+    assert_close(actual, expected, "context")
+    bias = disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, 0.2)
+    assert bias.shape == (batch, heads, query_length, key_length)
+    assert bool((bias[0, ..., -1] < -1e30).all()) and bool((bias[1, ..., 0] < -1e30).all())
+    assert probs[0, ..., -1].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Half precision
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def scale_attention_weights(model, factor):
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for projection in (layer.attention.self.query_proj, layer.attention.self.key_proj):
+                projection.weight.mul_(factor)
+                projection.bias.mul_(factor)
+
+
+def largest_position_term(model, input_ids):
+    """max |c2p| + max |p2c| before scaling, in fp32, for the first layer."""
+    encoder = model.deberta.encoder if hasattr(model, "deberta") else model.encoder
+    attention = encoder.layer[0].attention.self
+    hidden = model.embeddings(input_ids, None, torch.arange(input_ids.shape[1])[None], None,
+                              torch.ones_like(input_ids, dtype=torch.bool))
+    relative = encoder.relative_index(input_ids.shape[1], input_ids.device)
+    query, key, _ = attention.project_content(hidden, hidden)
+    pos_key, pos_query = attention.project_positions(encoder.relative_embeddings(), relative)
+    return ((query @ pos_key.transpose(-1, -2)).abs().max() + (key @ pos_query.transpose(-1, -2)).abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_half_precision_stays_finite_with_large_position_scores(dtype, implementation):
+    torch.manual_seed(0)
+    model = DebertaCustomModel._from_config(tiny_config(), attn_implementation=implementation)
+    perturb_parameters(model, scale=0.05)
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=3, length=40)
+    with torch.no_grad():
+        # Position scores scale with the square of the query/key weights: aim at 1.5x fp16's largest value, which
+        # an unscaled sum overflows and the scaled terms (1 / sqrt(3 * 8)) do not.
+        factor = (1.5 * torch.finfo(torch.float16).max / largest_position_term(model, input_ids)) ** 0.5
+        scale_attention_weights(model, factor)
+        assert largest_position_term(model, input_ids) > torch.finfo(torch.float16).max
+        expected = model(input_ids, attention_mask).last_hidden_state
+    model = model.to(dtype)
+    output = model(input_ids, attention_mask).last_hidden_state
+    assert torch.isfinite(output).all()
+    output.float().sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+    # Saturated softmaxes amplify rounding, so only a loose agreement with fp32 is expected.
+    assert (output.float() - expected).abs().mean() < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels and memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_inference_stays_on_the_flash_kernel():
+    model = DebertaCustomModel(tiny_config()).eval()
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=40)
+    with torch.no_grad(), profile() as prof:
+        model(input_ids, attention_mask)
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+def saved_bytes(function):
+    """Bytes of distinct storages autograd saves for backward while running function()."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return storages
+
+
+@pytest.mark.parametrize("length", [12, 40])
+def test_training_saves_no_square_tensor_beyond_sdpa(length):
+    """The position terms add no [B, H, N, N] tensor to what SDPA (math path: dropout or a bias with grad) saves for
+    backward. By distance (length 12 here) the products keep only their operands ([N, D] views of the projections,
+    [H, D, W] tables); gathering (length 40: more distances than DISTANCE_LAYOUT_MAX_RATIO_TRAINING allows) also
+    keeps the [N, R] products, as torch.gather saves its input."""
+    config = tiny_config()
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, head_size = 32, 8, 8  # batch-independent tables ([H, D, W]) then weigh little against B * N * N
+    relative = relative_positions(length, length, config, "cpu")
+
+    def projection():  # [B, H, N, D] as the attention layer sees it: a view of a [B, N, H * D] projection
+        hidden = torch.randn(batch, length, heads, head_size, generator=generator, requires_grad=True)
+        return hidden.transpose(1, 2)
+
+    inputs = [projection() for _ in range(3)]
+    tables = [torch.randn(heads, relative.num_rows, head_size, generator=generator, requires_grad=True)
+              for _ in range(2)]
+    key_mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    opaque_bias = torch.randn(batch, heads, length, length, generator=generator, requires_grad=True)
+    known = {t.untyped_storage().data_ptr() for t in (*inputs, *tables, opaque_bias)}
+    baseline = sorted(saved_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(
+        *inputs, attn_mask=opaque_bias, dropout_p=0.1)).values())
+    ours = sorted(size for ptr, size in saved_bytes(lambda: sdpa_attention(
+        *inputs, *tables, relative, key_mask, 0.2, 0.1, True)).items() if ptr not in known)
+    for size in baseline:
+        if size in ours:
+            ours.remove(size)
+    square = batch * heads * length * length * 4
+    assert max(ours) <= square / 2, f"saves {ours} bytes more than SDPA alone ([B, H, N, N] is {square})"
+    if uses_distance_layout(relative, length, length, for_backward=True):
+        assert sum(ours) < square / 4, f"saves {ours} bytes more than SDPA alone ([B, H, N, N] is {square})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_forward_and_backward():
+    """Dynamo captures the whole model in one graph (fullgraph=True: a graph break is an error) and AOTAutograd
+    traces forward and backward, for each layout of the position terms (one graph per length: static shapes keep
+    tracing to a few seconds; dynamic lengths compile too, at about three times the cost). backend="aot_eager"
+    skips code generation, which takes about a minute on two cores (see the slow test below)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DebertaCustomModel(tiny_config())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for length in (4, 12, 40):
+        input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=length)
+        expected, expected_gradients = forward_and_gradients(model, dict(input_ids=input_ids,
+                                                                         attention_mask=attention_mask))
+        actual, actual_gradients = forward_and_gradients(compiled, dict(input_ids=input_ids,
+                                                                        attention_mask=attention_mask))
+        assert_close(actual, expected, f"compiled output at length {length}")
+        for name, gradient in expected_gradients.items():
+            assert_gradient_close(actual_gradients["_orig_mod." + name], gradient, f"compiled gradient of {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DEBERTA_RUN_SLOW"), reason="inductor codegen takes ~1 min on 2 cores; "
+                    "set DEBERTA_RUN_SLOW=1")
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    model = DebertaCustomModel(tiny_config()).eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for length in (12, 40):
+        input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=length)
+        with torch.no_grad():
+            assert_close(compiled(input_ids, attention_mask).last_hidden_state,
+                         model(input_ids, attention_mask).last_hidden_state, f"inductor output at length {length}")
