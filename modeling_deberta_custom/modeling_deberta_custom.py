@@ -794,9 +794,7 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
 
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, token_mask)
         outputs = self.encoder(embeddings, token_mask, output_attentions, output_hidden_states)
-        if not return_dict:
-            return tuple(v for v in outputs.to_tuple())
-        return outputs
+        return outputs if return_dict else outputs.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -922,10 +920,15 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
             logits = self.lm_predictions.lm_head(sequence_output, word_embeddings)
 
         hidden_states = outputs.hidden_states if output_hidden_states else None
-        if not return_dict:
-            output = tuple(v for v in (logits, hidden_states, outputs.attentions) if v is not None)
-            return (loss,) + output if loss is not None else output
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions)
+        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+def _head_output(output_class, return_dict, encoder_outputs, **fields):
+    """A head's output dataclass, carrying the encoder's hidden states and attentions; for return_dict=False the
+    tuple transformers users expect: (loss,) when present, then the head's tensors, then the optional encoder ones."""
+    result = output_class(**fields, hidden_states=encoder_outputs.hidden_states, attentions=encoder_outputs.attentions)
+    return result if return_dict else result.to_tuple()
 
 
 def _resize_vector(module, name, new_size):
@@ -1002,11 +1005,7 @@ class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
                                output_attentions, output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))  # [B, num_labels]
         loss = None if labels is None else self.sequence_classification_loss(logits, labels)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return (loss,) + output if loss is not None else output
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                        attentions=outputs.attentions)
+        return _head_output(SequenceClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
     def sequence_classification_loss(self, logits, labels):
         problem_type = self.config.problem_type
@@ -1065,11 +1064,7 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         if labels is not None:
             _check_labels(labels, logits.shape[:2], self.num_labels, "labels")
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return (loss,) + output if loss is not None else output
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions)
+        return _head_output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
 class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
@@ -1115,13 +1110,8 @@ class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
                 positions.append(value.clamp(0, length))  # length = ignored: the answer is not in this window
             loss = (F.cross_entropy(start_logits.float(), positions[0], ignore_index=length)
                     + F.cross_entropy(end_logits.float(), positions[1], ignore_index=length)) / 2
-        if not return_dict:
-            output = (start_logits, end_logits) + tuple(
-                v for v in (outputs.hidden_states, outputs.attentions) if v is not None
-            )
-            return (loss,) + output if loss is not None else output
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return _head_output(QuestionAnsweringModelOutput, return_dict, outputs, loss=loss, start_logits=start_logits,
+                            end_logits=end_logits)
 
 
 class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
@@ -1176,11 +1166,7 @@ class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
         if labels is not None:
             _check_labels(labels, (batch,), num_choices, "labels")
             loss = F.cross_entropy(logits.float(), labels)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return (loss,) + output if loss is not None else output
-        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                         attentions=outputs.attentions)
+        return _head_output(MultipleChoiceModelOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
 class DebertaCustomRTDHead(nn.Module):
@@ -1243,11 +1229,7 @@ class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
             if attention_mask is not None:
                 counted = counted & attention_mask.bool()
             loss = F.binary_cross_entropy_with_logits(logits[counted].float(), labels[counted].float())
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return (loss,) + output if loss is not None else output
-        return ReplacedTokenDetectionOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                            attentions=outputs.attentions)
+        return _head_output(ReplacedTokenDetectionOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
 __all__ = [
