@@ -298,24 +298,27 @@ def _needs_backward(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# The fast path works through heads in groups, and through the query rows of long sequences in blocks, so that no
-# intermediate (position products, additive mask) of a group exceeds about this many elements (16 MiB in fp32):
-# they stay in cache between construction and use, and the allocator recycles their memory rather than mapping
-# fresh pages for every layer (glibc maps blocks above 32 MiB anew each time, at ~1 ms per MiB on small VMs).
-TILE_ELEMENTS = 1 << 22
+# The fast path works through heads in groups (and, for inference, through the query rows of long sequences in
+# blocks) so that the position products and the additive mask of one tile stay near this many elements (32 MiB in
+# fp32): transient memory grows with N x N only per tile, and each tensor stays small enough for the allocator to
+# recycle it (glibc maps larger blocks afresh for every layer, which costs ~0.5 ms per MiB of page faults on the
+# benchmark VM). Tiles stay few: each is a dozen kernel launches, and on a shared machine every parallel region
+# waits for its slowest thread. Training never splits query rows: each block would send a full-size gradient back
+# into the products.
+TILE_ELEMENTS = 1 << 23
 MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
 
 
 def _attention_tiles(batch, heads, query_length, key_length, width, for_backward):
-    """(heads per group, query rows per block) for the fast path: what keeps the products ([Nq + Nk, W] per head)
-    and the additive mask ([rows, Nk] per head) of one tile within TILE_ELEMENTS. Training keeps whole heads: its
-    tensors live until backward anyway, and blocks of query rows would each send a full-size gradient back into
-    the products. One tile while compiling or tracing, where the compiler plans memory itself."""
+    """(heads per group, query rows per block) for the fast path: groups of equal size whose products
+    ([Nq + Nk, W] per head) and additive mask ([rows, Nk] per head) stay within TILE_ELEMENTS. One tile while
+    compiling or tracing, where the compiler plans memory itself."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return heads, query_length
     products = batch * (query_length + key_length) * width  # per head
     mask = batch * query_length * key_length  # per head, all rows
-    heads_per_group = max(1, min(heads, TILE_ELEMENTS // (products + mask)))
+    groups = -(-heads * (products + mask) // TILE_ELEMENTS)  # ceil
+    heads_per_group = -(-heads // min(max(groups, 1), heads))
     rows_per_block = query_length
     if heads_per_group == 1 and products + mask > TILE_ELEMENTS and not for_backward:
         rows_per_block = max(MIN_BLOCK_ROWS, (TILE_ELEMENTS - products) // (batch * key_length))
@@ -611,6 +614,19 @@ class DebertaCustomEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
+def train_only_read_position_tables(model: nn.Module) -> None:
+    """Relative-only models (position_biased_input false) read the absolute position table only in the Enhanced Mask
+    Decoder. Elsewhere it is frozen, so that DistributedDataParallel does not see an unused parameter (the Trainer
+    turns find_unused_parameters off under gradient checkpointing) and optimizers skip it; the weight is kept."""
+    for module in model.modules():
+        # (An RTD discriminator's tables are views of its generator's: only real parameters are switched.)
+        if isinstance(module, DebertaCustomEmbeddings) and isinstance(module.position_embeddings.weight, nn.Parameter):
+            module.position_embeddings.weight.requires_grad_(module.config.position_biased_input)
+    for module in model.modules():
+        if isinstance(module, DebertaCustomForMaskedLM) and module.config.uses_enhanced_mask_decoder:
+            module.deberta.embeddings.position_embeddings.weight.requires_grad_(True)
+
+
 def _check_integer_ids(name, ids, upper, what):
     """Ids must be integers in [0, upper). Skipped while compiling, exporting (torch.export runs under
     is_compiling) or tracing (the TorchScript ONNX exporter): the range check needs a host sync."""
@@ -652,6 +668,10 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (DebertaCustomLMPredictionHead, DebertaCustomRTDHead)) and hasattr(module, "bias"):
             init.zeros_(module.bias)
 
+    def post_init(self):
+        super().post_init()
+        train_only_read_position_tables(self)
+
     def set_attn_implementation(self, attn_implementation: str):
         """Switch attention paths on a live model: the layers read config._attn_implementation at every call."""
         if attn_implementation not in ATTENTION_FUNCTIONS:
@@ -683,7 +703,9 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         heads) and reports truncated or mismatched files by name."""
         official_config = resolve_official_config(pretrained_model_name_or_path, kwargs)
         if official_config is not None:
-            return load_official_checkpoint(cls, pretrained_model_name_or_path, official_config, **kwargs)
+            loaded = load_official_checkpoint(cls, pretrained_model_name_or_path, official_config, **kwargs)
+            train_only_read_position_tables(loaded[0] if isinstance(loaded, tuple) else loaded)
+            return loaded
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(
@@ -701,6 +723,7 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
                 f"of the model, such as {sorted(missing)[:5]}: the weight file is truncated or holds a different "
                 "architecture"
             )
+        train_only_read_position_tables(model)  # loading installs fresh Parameters
         return (model, info) if output_loading_info else model
 
     def _validate_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):

@@ -346,8 +346,8 @@ class SiFTCallback(TrainerCallback):
                              perturbation_clamp=perturbation_clamp, step_size=step_size, ascent_steps=ascent_steps)
         self.same_dropout = same_dropout
         self._handles: list = []
-        self._inside = False
-        self._rng_state = None
+        self._inside = False  # within the perturbed passes
+        self._rng_state = None  # the random state before the current clean forward
         self._generators: dict = {}
         self._seed = 0
         self._warned = False
@@ -370,7 +370,6 @@ class SiFTCallback(TrainerCallback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._rng_state = None
 
     @property
     def installed(self) -> bool:
@@ -380,8 +379,8 @@ class SiFTCallback(TrainerCallback):
         return not self._inside and module.training and torch.is_grad_enabled()
 
     def _before_forward(self, module, args):
-        if self._active(module) and self.same_dropout:
-            self._rng_state = capture_rng_state(next(module.parameters()).device)
+        if self._active(module):
+            self._rng_state = capture_rng_state(next(module.parameters()).device) if self.same_dropout else None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -418,6 +417,9 @@ class SiFTCallback(TrainerCallback):
     # -- Trainer events --------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.n_gpu > 1:
+            raise ValueError("SiFTCallback does not support nn.DataParallel (several GPUs in one process, which the "
+                             "Trainer uses without a distributed launch): launch with torchrun or accelerate (DDP)")
         if args.label_smoothing_factor > 0:
             raise ValueError("SiFTCallback adds to the loss the model computes; with label_smoothing_factor > 0 the "
                              "Trainer computes the loss outside the model and SiFT would do nothing")

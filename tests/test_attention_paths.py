@@ -111,6 +111,20 @@ def test_lengths_exercise_every_layout():
     assert LENGTHS[-1] > config.max_position_embeddings
 
 
+@pytest.mark.parametrize("length", [12, 40, 100])
+def test_tiles_of_heads_and_query_rows(monkeypatch, length):
+    """With a tiny tile budget the fast path works through one head at a time and, for inference, through blocks
+    of query rows; the result must not change."""
+    from modeling_deberta_custom import modeling_deberta_custom as modeling
+
+    monkeypatch.setattr(modeling, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 16)
+    assert modeling._attention_tiles(3, 4, length, length, 16, for_backward=False)[1] == 16
+    models = model_pair()
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
+    compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
+
+
 def test_fully_padded_row_and_no_mask():
     models = model_pair()
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=40)

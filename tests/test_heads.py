@@ -385,3 +385,23 @@ def test_trainer_loss_falls(tmp_path):
     with torch.no_grad():
         accuracy = (model(input_ids).logits.argmax(-1) == labels).float().mean()
     assert accuracy > 0.9
+
+
+@pytest.mark.parametrize("head", [DebertaCustomForSequenceClassification, DebertaCustomForTokenClassification,
+                                  DebertaCustomForQuestionAnswering, DebertaCustomForMaskedLM])
+@pytest.mark.parametrize("position_biased_input", [False, True])
+def test_every_trainable_parameter_gets_a_gradient_after_loading(tmp_path, head, position_biased_input):
+    """DistributedDataParallel without find_unused_parameters (the Trainer's choice under gradient checkpointing)
+    fails on a trainable parameter that gets no gradient. The absolute table of a relative-only model is read only by
+    the Enhanced Mask Decoder, so it must be frozen in the other heads, also after a save/load round trip (loading
+    installs fresh parameters), and trainable where it is read."""
+    head(tiny_config(position_biased_input=position_biased_input)).save_pretrained(tmp_path)
+    model = head.from_pretrained(tmp_path)
+    model.train()
+    input_ids, attention_mask = random_batch(model.config.vocab_size, length=10)
+    model(input_ids=input_ids, attention_mask=attention_mask)[0].float().sum().backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert [name for name, p in trainable.items() if p.grad is None] == []
+    table = model.base_model.embeddings.position_embeddings.weight
+    reads_table = position_biased_input or head is DebertaCustomForMaskedLM
+    assert table.requires_grad == reads_table

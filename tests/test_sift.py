@@ -236,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         torch.manual_seed(0)
         model = classifier()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         torch.manual_seed(1)
         rng = capture_rng_state("cpu")
         outputs = model(**batch)
@@ -333,7 +333,7 @@ def test_installed_hooks_act_only_in_training_with_gradients():
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
-@pytest.mark.parametrize("arguments", [dict(gradient_accumulation_steps=2), dict(gradient_checkpointing=True),
+@pytest.mark.parametrize("arguments", [dict(gradient_accumulation_steps=2), dict(activation_checkpointing=True),
                                        dict(bf16=True)], ids=["accumulation", "checkpointing", "bf16"])
 def test_callback_with_training_options(tmp_path, arguments):
     callback = sift_callback()
@@ -361,8 +361,7 @@ DDP_SCRIPT = textwrap.dedent("""
     model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
     args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
                              logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             gradient_accumulation_steps=2, gradient_checkpointing=True,
-                             ddp_find_unused_parameters=True)
+                             gradient_accumulation_steps=2, activation_checkpointing=True)
     callback = sift_callback()
     trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
     trainer.train()
@@ -377,8 +376,8 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def test_callback_under_ddp_with_two_cpu_processes(tmp_path):
-    """torchrun, 2 processes over gloo, with gradient accumulation and checkpointing. (The model's unused
-    absolute-position table needs ddp_find_unused_parameters=True under checkpointing, with or without SiFT.)"""
+    """torchrun, 2 processes over gloo, with gradient accumulation and checkpointing (under which the Trainer sets
+    find_unused_parameters=False: the classifier's frozen absolute-position table must not count as unused)."""
     script = tmp_path / "ddp_sift.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
