@@ -388,6 +388,13 @@ class SiFTCallback(TrainerCallback):
             self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[key]
 
+    def reseed(self, seed: int, step: int) -> None:
+        """Restart the perturbation stream at (seed, optimizer step): a run resumed from a checkpoint then draws the
+        same perturbations as an uninterrupted one, without the stream's state being saved."""
+        self._seed = seed * 2**32 + step
+        for generator in self._generators.values():
+            generator.manual_seed(self._seed)
+
     def _after_forward(self, module, args, kwargs, outputs):
         if not self._active(module):
             return None
@@ -425,6 +432,9 @@ class SiFTCallback(TrainerCallback):
                              "Trainer computes the loss outside the model and SiFT would do nothing")
         self.install(model, seed=args.seed + args.process_index)
         self._window, self._total = [0.0, 0], [0.0, 0]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.reseed(args.seed + args.process_index, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.remove()
