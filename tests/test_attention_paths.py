@@ -11,7 +11,6 @@
 - `torch.compile(fullgraph=True)` traces the model without graph breaks (forward and backward).
 """
 
-import os
 
 import pytest
 import torch
@@ -352,9 +351,7 @@ def test_compile_fullgraph_forward_and_backward():
             assert_gradient_close(actual_gradients["_orig_mod." + name], gradient, f"compiled gradient of {name}")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DEBERTA_RUN_SLOW"), reason="inductor codegen takes ~1 min on 2 cores; "
-                    "set DEBERTA_RUN_SLOW=1")
+@pytest.mark.slow  # inductor code generation: 20-60 s on 2 cores
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()
     model = DebertaCustomModel(tiny_config()).eval()
