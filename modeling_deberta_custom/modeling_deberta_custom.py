@@ -218,34 +218,50 @@ def _table_operand(table, scale):
     return operand if width % 16 == 0 else F.pad(operand, (0, 16 - width % 16))
 
 
-def position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance):
-    """The fast path's position products, scaled, heads-major, each None when its term is off:
+def position_tables(pos_key, pos_query, relative, by_distance, c2p_scale, p2c_scale):
+    """The projected relative rows as matrix-product operands, scaled (c2p's by c2p_scale, p2c's by p2c_scale):
+    (c2p table [H, D, W], p2c table), each None when its term is off. By distance the W columns are the table rows of
+    the distances (c2p: d = Nq - 1 down to -(Nk - 1); p2c: d = -(Nk - 1) up to Nq - 1) and the p2c table is
+    [H, D, W] too; by table row W = R and the p2c table is [H, R, D]. Operands are contiguous and padded to a multiple
+    of 16 columns (CPU GEMMs take twice as long on an odd width; the extra columns are never read)."""
+    key_table = query_table = None
+    if pos_key is not None:
+        if by_distance:
+            pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
+        key_table = _table_operand(pos_key, c2p_scale)
+    if pos_query is not None:
+        if by_distance:
+            pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
+            query_table = _table_operand(pos_query, p2c_scale)
+        else:
+            query_table = pos_query * p2c_scale
+    return key_table, query_table
 
-    - by distance: c2p [H, B, Nq, W] = Q_c K_r^T over the table rows of d = Nq - 1 down to -(Nk - 1) and
-      p2c [H, B, Nk, W] = K_c Q_r^T over those of d = -(Nk - 1) up to Nq - 1 (W >= Nq + Nk - 1);
+
+def position_products(query, key, tables, key_bias, by_distance):
+    """The fast path's position products, heads-major, each None when its term is off:
+
+    - by distance: c2p [H, B, Nq, W] (row i, column c <-> d = Nq - 1 - c) and p2c [H, B, Nk, W] (row j, column
+      c <-> d = c - (Nk - 1));
     - by table row: c2p [H, B, Nq, R] = Q_c K_r^T and p2c [H, B, R, Nk] = Q_r K_c^T (keys last, so that the gather
       of position_bias lands p2c in the same [query, key] layout as c2p).
 
-    The key bias [B, Nk] is added along p2c's keys, so that masking costs no pass over [Nq, Nk]. The query products
-    run heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is one plain matrix
-    product with its table and no table is copied per batch entry; tables enter as contiguous operands padded to a
-    multiple of 16 columns (CPU GEMMs take twice as long on an odd width; the extra columns are never read)."""
+    The key bias [B, Nk] is added along p2c's keys, so that masking costs no pass over [Nq, Nk]. The products run
+    heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is one plain matrix
+    product with its table and no table is copied per batch entry."""
+    key_table, query_table = tables
     batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
     c2p = p2c = None
-    if pos_key is not None:
-        if by_distance:  # the table rows of d = Nq - 1, Nq - 2, ..., -(Nk - 1)
-            pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
+    if key_table is not None:
         query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
-        c2p = torch.bmm(query, _table_operand(pos_key, scale)).view(heads, batch, query_length, -1)
-    if pos_query is not None:
-        if by_distance:  # the table rows of d = -(Nk - 1), ..., Nq - 1
-            pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
+        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, -1)
+    if query_table is not None:
+        if by_distance:
             key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
-            p2c = torch.bmm(key, _table_operand(pos_query, scale)).view(heads, batch, key_length, -1)
+            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, -1)
             p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
         else:
-            pos_query = pos_query * scale  # [H, R, D]
-            p2c = torch.matmul(pos_query[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
+            p2c = torch.matmul(query_table[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
             p2c = p2c.add_(key_bias[:, None, :])
     return c2p, p2c
 
@@ -290,7 +306,8 @@ def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale)
     by_distance = uses_distance_layout(relative, query_length, key.shape[-2], _needs_backward(query, key, pos_key,
                                                                                               pos_query))
     key_bias = key_bias_of(key_mask, query.dtype)
-    c2p, p2c = position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance)
+    tables = position_tables(pos_key, pos_query, relative, by_distance, scale, scale)
+    c2p, p2c = position_products(query, key, tables, key_bias, by_distance)
     return position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
 
 
@@ -299,13 +316,13 @@ def _needs_backward(*tensors):
 
 
 # The fast path works through heads in groups (and, for inference, through the query rows of long sequences in
-# blocks) so that the position products and the additive mask of one tile stay near this many elements (32 MiB in
-# fp32): transient memory grows with N x N only per tile, and each tensor stays small enough for the allocator to
-# recycle it (glibc maps larger blocks afresh for every layer, which costs ~0.5 ms per MiB of page faults on the
-# benchmark VM). Tiles stay few: each is a dozen kernel launches, and on a shared machine every parallel region
-# waits for its slowest thread. Training never splits query rows: each block would send a full-size gradient back
-# into the products.
-TILE_ELEMENTS = 1 << 23
+# blocks) so that the position products and the additive mask of one tile stay near this many elements (16 MiB in
+# fp32): transient memory grows with N x N only per tile, the tile stays in cache between the kernels that build and
+# read it, and the allocator recycles its memory rather than mapping fresh pages for every layer (glibc maps blocks
+# above 32 MiB anew each time and trims its heap when much is freed at once; page faults cost ~1 ms per MiB on the
+# benchmark VM, and a gather that lands in fresh pages runs several times slower). On a machine whose cores are
+# shared, fewer and larger tiles can be faster: every kernel's parallel region waits for its slowest thread.
+TILE_ELEMENTS = 1 << 22
 MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
 
 
@@ -325,6 +342,27 @@ def _attention_tiles(batch, heads, query_length, key_length, width, for_backward
     return heads_per_group, rows_per_block
 
 
+def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale, dropout, by_distance):
+    """Training on CPU. There SDPA computes a mask that needs a gradient (or dropout) with its math fallback, which
+    keeps contiguous copies of the scaled query and key for backward and takes the mask as a separate tensor. The
+    same math written out here runs one batch entry at a time: the scores, the position products and the context
+    of an entry are plain per-head products of [H, N, D] slices of the projections (no copies kept for backward),
+    and the position terms are added into the scores in place. Returns [B, H, Nq, D] (a view of [B, Nq, H, D])."""
+    query_length = query.shape[-2]
+    query = query * scale
+    tables = position_tables(pos_key, pos_query, relative, by_distance, 1.0, scale)  # the query is scaled already
+    contexts = []
+    for entry in range(query.shape[0]):
+        one = slice(entry, entry + 1)
+        c2p, p2c = position_products(query[one], key[one], tables, key_bias[one], by_distance)
+        bias = position_bias(c2p, p2c, key_bias[one], relative, by_distance, query_length, 0, query_length)[0]
+        scores = torch.matmul(query[entry], key[entry].transpose(-1, -2))  # [H, Nq, Nk]
+        scores = scores.add_(bias)  # in place: the product's backward does not need its result
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=True)
+        contexts.append(torch.matmul(probs, value[entry]).transpose(0, 1))  # [Nq, H, D]
+    return torch.stack(contexts).transpose(1, 2)
+
+
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
     """Fast path: torch's fused scaled_dot_product_attention with the position terms as its additive mask, built
     from the position products (position_products, position_bias) one tile of heads and query rows at a time (see
@@ -339,17 +377,19 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, sc
     width = query_length + key_length - 1 if by_distance else relative.num_rows
     heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward)
     key_bias = key_bias_of(key_mask, query.dtype)
+    if for_backward and query.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale,
+                                       dropout, by_distance), None
+    tables = position_tables(pos_key, pos_query, relative, by_distance, scale, scale)
     if heads_per_group == heads and rows_per_block >= query_length:  # a single tile
-        c2p, p2c = position_products(query, key, pos_key, pos_query, relative, key_bias, scale, by_distance)
+        c2p, p2c = position_products(query, key, tables, key_bias, by_distance)
         bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
     groups = []
     for first in range(0, heads, heads_per_group):
         group = slice(first, first + heads_per_group)
-        c2p, p2c = position_products(
-            query[:, group], key[:, group], None if pos_key is None else pos_key[group],
-            None if pos_query is None else pos_query[group], relative, key_bias, scale, by_distance,
-        )
+        group_tables = tuple(None if table is None else table[group] for table in tables)
+        c2p, p2c = position_products(query[:, group], key[:, group], group_tables, key_bias, by_distance)
         blocks = []
         for start in range(0, query_length, rows_per_block):
             stop = min(start + rows_per_block, query_length)
