@@ -316,13 +316,13 @@ def _needs_backward(*tensors):
 
 
 # The fast path works through heads in groups (and, for inference, through the query rows of long sequences in
-# blocks) so that the position products and the additive mask of one tile stay near this many elements (16 MiB in
-# fp32): transient memory grows with N x N only per tile, the tile stays in cache between the kernels that build and
-# read it, and the allocator recycles its memory rather than mapping fresh pages for every layer (glibc maps blocks
-# above 32 MiB anew each time and trims its heap when much is freed at once; page faults cost ~1 ms per MiB on the
-# benchmark VM, and a gather that lands in fresh pages runs several times slower). On a machine whose cores are
-# shared, fewer and larger tiles can be faster: every kernel's parallel region waits for its slowest thread.
-TILE_ELEMENTS = 1 << 22
+# blocks) so that the position products and the additive mask of one tile stay near this many elements (128 MiB in
+# fp32): transient memory then grows with N x N only per tile. Up to 512 tokens (and batch 2) a layer is one tile:
+# every tile costs a dozen kernel launches, and on a machine whose cores are shared each parallel region waits for
+# its slowest thread (measured on the 2-core benchmark VM: 2-3x slower with 16 MiB tiles). Smaller tiles can win on
+# an idle machine, where they stay in cache and the allocator recycles their memory instead of mapping fresh pages
+# (~1 ms per MiB of page faults on that VM).
+TILE_ELEMENTS = 1 << 25
 MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
 
 
@@ -345,22 +345,24 @@ def _attention_tiles(batch, heads, query_length, key_length, width, for_backward
 def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale, dropout, by_distance):
     """Training on CPU. There SDPA computes a mask that needs a gradient (or dropout) with its math fallback, which
     keeps contiguous copies of the scaled query and key for backward and takes the mask as a separate tensor. The
-    same math written out here runs one batch entry at a time: the scores, the position products and the context
-    of an entry are plain per-head products of [H, N, D] slices of the projections (no copies kept for backward),
-    and the position terms are added into the scores in place. Returns [B, H, Nq, D] (a view of [B, Nq, H, D])."""
+    same math written out here runs one head at a time: the scores, the position products and the context of a head
+    are plain matrix products of [B, N, D] slices of the projections (no copies kept for backward), the position
+    terms are added into the scores in place, and each head's tensors stay small enough for the allocator to
+    recycle (see TILE_ELEMENTS), backward included. Returns [B, H, Nq, D] (a view of [B, Nq, H, D])."""
     query_length = query.shape[-2]
     query = query * scale
     tables = position_tables(pos_key, pos_query, relative, by_distance, 1.0, scale)  # the query is scaled already
     contexts = []
-    for entry in range(query.shape[0]):
-        one = slice(entry, entry + 1)
-        c2p, p2c = position_products(query[one], key[one], tables, key_bias[one], by_distance)
-        bias = position_bias(c2p, p2c, key_bias[one], relative, by_distance, query_length, 0, query_length)[0]
-        scores = torch.matmul(query[entry], key[entry].transpose(-1, -2))  # [H, Nq, Nk]
+    for head in range(query.shape[1]):
+        one = slice(head, head + 1)
+        head_tables = tuple(None if table is None else table[one] for table in tables)
+        c2p, p2c = position_products(query[:, one], key[:, one], head_tables, key_bias, by_distance)
+        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)[:, 0]
+        scores = torch.matmul(query[:, head], key[:, head].transpose(-1, -2))  # [B, Nq, Nk]
         scores = scores.add_(bias)  # in place: the product's backward does not need its result
         probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=True)
-        contexts.append(torch.matmul(probs, value[entry]).transpose(0, 1))  # [Nq, H, D]
-    return torch.stack(contexts).transpose(1, 2)
+        contexts.append(torch.matmul(probs, value[:, head]))  # [B, Nq, D]
+    return torch.stack(contexts, dim=2).transpose(1, 2)
 
 
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):

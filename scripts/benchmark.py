@@ -9,7 +9,7 @@ so that machine noise hits all models alike:
 - train: one training step in model.train(): forward, loss = mean(last_hidden_state ** 2), backward, optimizer
   step (plain SGD by default so that the optimizer, identical for all models, does not dilute the ratios;
   `--optimizer adamw` for AdamW), zero_grad(set_to_none=True).
-- peak memory of one call per model and shape (after the warm-up), measured in a child process so that the
+- peak memory of one call per model and shape (after one warm-up call), measured in a child process so that the
   timed process keeps the default allocator. CUDA: torch.cuda.max_memory_allocated() minus the memory allocated
   before the call. CPU: the peak resident set size (VmHWM, reset before the call through /proc/self/clear_refs)
   minus the resident set size before the call. glibc only returns freed memory to the system for allocations
@@ -21,7 +21,8 @@ so that machine noise hits all models alike:
 Reported: the median over the repeats of each time, the peak memory, and ratios ours / BERT and
 ours / transformers-DeBERTa. Writes benchmark.json and benchmark.png into --out.
 
-    python scripts/benchmark.py                       # CPU, 2 threads, 3 repeats (a few minutes)
+    python scripts/benchmark.py                       # CPU, 2 threads, 2 repeats (~15 min on 2 quiet cores)
+    python scripts/benchmark.py --threads 1 --clock cpu   # CPU time: robust when other processes share the cores
     python scripts/benchmark.py --device cuda --dtype bfloat16
 """
 
@@ -66,7 +67,7 @@ def parse_args(argv=None):
                         help="wall: elapsed time; cpu: CPU time of this process (all threads), less sensitive to "
                              "other processes on a shared machine (use with --threads 1: with more threads it also "
                              "counts the time threads spin while waiting for each other)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per model and shape")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per model and shape")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model and shape")
     parser.add_argument("--forward-shapes", default=None, help="BxN list; default CPU 8x128,2x512,1x2048")
     parser.add_argument("--train-shapes", default=None, help="BxN list; default CPU 8x128,4x512,1x2048")
@@ -294,6 +295,8 @@ def merge_memory(results, memory_results):
         other = peaks.get((record["mode"], record["model"], record["batch"], record["length"]), {})
         record["peak_bytes"] = other.get("peak_bytes")
         record["error"] = record["error"] or other.get("error")
+        if record["peak_bytes"] is None and not record["error"]:
+            record["memory_error"] = "memory pass failed"
 
 
 def ratio_table(results, models):
@@ -364,17 +367,31 @@ def plot(results, models, path):
 
 
 def memory_pass(args):
-    """Runs this script again as a child with a fixed mmap threshold and --memory-json; returns its records."""
+    """Runs this script again as a child per mode and shape, with a fixed mmap threshold and --memory-json; returns
+    their records. A child the system kills (out of memory) costs only its own shape, recorded as an error."""
     import subprocess
     import tempfile
 
-    with tempfile.TemporaryDirectory() as folder:
-        target = Path(folder) / "memory.json"
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-        command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--memory-json", str(target)]
-        print("\npeak memory (child process, one call after the warm-up)", flush=True)
-        subprocess.run(command, env=env, check=True)
-        return json.loads(target.read_text())
+    print("\npeak memory (child processes, one call after one warm-up call)", flush=True)
+    records = []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+    shapes = [("forward", shape) for shape in args.forward_shapes] + [("train", shape) for shape in args.train_shapes]
+    for mode, (batch, length) in shapes:
+        shape = f"{batch}x{length}"
+        with tempfile.TemporaryDirectory() as folder:
+            target = Path(folder) / "memory.json"
+            command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--warmup", "1",
+                       "--forward-shapes", shape if mode == "forward" else "",
+                       "--train-shapes", shape if mode == "train" else "", "--memory-json", str(target)]
+            result = subprocess.run(command, env=env)
+            if result.returncode == 0:
+                records += json.loads(target.read_text())
+                continue
+        reason = "killed (out of memory?)" if result.returncode < 0 else f"exit status {result.returncode}"
+        print(f"  {mode:7s} {batch:2d}x{length:<6d} memory pass {reason}", flush=True)
+        records += [dict(mode=mode, model=name, batch=batch, length=length, peak_bytes=None, error=None)
+                    for name in args.models]
+    return records
 
 
 def main(argv=None):
