@@ -11,6 +11,7 @@ This file is copied next to the weights by `save_pretrained` for `trust_remote_c
 torch, transformers and its sibling files.
 """
 
+import functools
 import math
 import os
 import shutil
@@ -404,7 +405,56 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, sc
     return torch.cat(groups, dim=2).transpose(1, 2), None
 
 
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+@functools.cache
+def _compiled_flex_attention():
+    """torch's flex_attention compiled once for the process (FlexAttention runs unfused, materialising every score,
+    unless compiled). Shapes stay static: inductor's CPU kernel for dynamic shapes fails to build in torch 2.13, so
+    each new sequence length compiles anew (a few seconds)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Fused path: torch's FlexAttention, which computes the content scores block by block and adds the position
+    terms inside the kernel (score_mod), reading them from the compact products of position_products by table row:
+    c2p [H, B, Nq, R] and p2c [H, B, R, Nk]. No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
+    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients).
+    FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training needs
+    attention_probs_dropout_prob=0 and a GPU. Compiled on first use per shape; inside torch.compile it joins the
+    caller's graph. Does not return probabilities."""
+    if training and dropout > 0:
+        raise ValueError(
+            f"attn_implementation='flex_attention' has no attention dropout, but attention_probs_dropout_prob is "
+            f"{dropout}: set it to 0.0 in the config to train with this path, or use 'sdpa' (inference in eval() "
+            "mode is unaffected)"
+        )
+    if query.device.type == "cpu" and _needs_backward(query, key, value, pos_key, pos_query):
+        raise NotImplementedError(
+            "attn_implementation='flex_attention' cannot train on CPU: torch has no FlexAttention backward there. "
+            "Use 'sdpa' (the default) for CPU training, or run under torch.no_grad()/inference_mode()"
+        )
+    key_bias = key_bias_of(key_mask, query.dtype)  # [B, Nk]
+    tables = position_tables(pos_key, pos_query, relative, False, scale, scale)
+    c2p, p2c = position_products(query, key, tables, key_bias, by_distance=False)  # p2c includes the key bias
+    offset = key.shape[-2] - 1  # relative.rows[i - j + offset]: the table row of the pair (i, j)
+
+    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
+        if c2p is None and p2c is None:  # relative attention off
+            return score + key_bias[batch, j]
+        row = relative.rows[i - j + offset]
+        if c2p is not None:
+            score = score + c2p[head, batch, i, row]
+        return score + (p2c[head, batch, row, j] if p2c is not None else key_bias[batch, j])
+
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+    else:
+        flex_attention = _compiled_flex_attention()
+    return flex_attention(query, key, value, score_mod=add_position_scores, scale=scale), None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention_path}
 
 
 class DebertaCustomSelfAttention(nn.Module):
@@ -686,6 +736,7 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     base_model_prefix = "deberta"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _no_split_modules = ["DebertaCustomLayer", "DebertaCustomEmbeddings"]
     # What save_pretrained writes as `auto_map`; classes defined in sibling files (modeling_rtd.py) extend it.
     saved_auto_map = AUTO_MAP

@@ -2,7 +2,8 @@
 
 Every model has the DeBERTa-v3-base geometry (hidden 768, 12 layers, 12 heads, intermediate 3072; DeBERTa with 256
 position buckets and max_position 512), the same reduced vocabulary and each library's default dropout (0.1 for all
-of them). Measured in one process, alternating between models inside every repeat (the starting model rotates),
+of them, except `ours-flex`: FlexAttention has no attention dropout, so that model has none; pass `--dropout 0` to
+compare training steps like for like). Measured in one process, alternating between models inside every repeat (the starting model rotates),
 so that machine noise hits all models alike:
 
 - forward: latency of one forward pass in `torch.inference_mode()` (model.eval()).
@@ -23,7 +24,10 @@ ours / transformers-DeBERTa. Writes benchmark.json and benchmark.png into --out.
 
     python scripts/benchmark.py                       # CPU, 2 threads, 2 repeats (~15 min on 2 quiet cores)
     python scripts/benchmark.py --threads 1 --clock cpu   # CPU time: robust when other processes share the cores
-    python scripts/benchmark.py --device cuda --dtype bfloat16
+    python scripts/benchmark.py --device cuda --dtype bfloat16 --dropout 0
+
+`ours-flex` compiles FlexAttention once per shape during the warm-up, and has no training step on CPU (torch has no
+FlexAttention backward there): its train rows read "not supported".
 """
 
 import argparse
@@ -41,6 +45,8 @@ MMAP_THRESHOLD = "65536"
 MODELS = {
     "ours": "our DebertaCustomModel, default attention (sdpa)",
     "ours-eager": "our DebertaCustomModel, attn_implementation='eager'",
+    "ours-flex": "our DebertaCustomModel, attn_implementation='flex_attention', attention dropout 0 (FlexAttention "
+                 "has none; it trains on CUDA only)",
     "hf-deberta": "transformers.DebertaV2Model",
     "bert": "transformers.BertModel, attn_implementation='sdpa'",
 }
@@ -163,6 +169,9 @@ def build_model(name, args, max_length):
         model = DebertaCustomModel(DebertaCustomConfig(**deberta_fields))
     elif name == "ours-eager":
         model = DebertaCustomModel._from_config(DebertaCustomConfig(**deberta_fields), attn_implementation="eager")
+    elif name == "ours-flex":
+        config = DebertaCustomConfig(**dict(deberta_fields, attention_probs_dropout_prob=0.0))
+        model = DebertaCustomModel._from_config(config, attn_implementation="flex_attention")
     elif name == "hf-deberta":
         model = transformers.DebertaV2Model(transformers.DebertaV2Config(**deberta_fields))
     elif name == "bert":
@@ -259,6 +268,10 @@ def run_mode(mode, shapes, models, optimizers, args, results):
             try:
                 for _ in range(args.warmup):
                     call_for(name)()
+            except NotImplementedError as error:  # flex_attention training on CPU
+                samples[name]["error"] = "not supported"
+                print(f"  {mode:7s} {batch:2d}x{length:<6d} {name:11s} not supported: {error}", flush=True)
+                continue
             except (RuntimeError, MemoryError) as error:
                 if not is_oom(error):
                     raise
@@ -280,11 +293,11 @@ def run_mode(mode, shapes, models, optimizers, args, results):
             record = dict(mode=mode, model=name, batch=batch, length=length, error=entry["error"])
             if measuring_memory:
                 record["peak_bytes"] = max(entry["values"]) if entry["values"] else None
-                shown = "OOM" if entry["error"] else f"{record['peak_bytes'] / 2**20:9.1f} MiB"
+                shown = entry["error"] if entry["error"] else f"{record['peak_bytes'] / 2**20:9.1f} MiB"
             else:
                 record["times_s"] = entry["values"]
                 record["median_s"] = statistics.median(entry["values"]) if entry["values"] else None
-                shown = "OOM" if entry["error"] else f"{record['median_s'] * 1000:9.1f} ms"
+                shown = entry["error"] if entry["error"] else f"{record['median_s'] * 1000:9.1f} ms"
             results.append(record)
             print(f"  {mode:7s} {batch:2d}x{length:<6d} {name:11s} {shown}", flush=True)
 
