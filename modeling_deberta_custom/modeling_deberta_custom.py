@@ -351,18 +351,20 @@ def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key
     terms are added into the scores in place, and each head's tensors stay small enough for the allocator to
     recycle (see TILE_ELEMENTS), backward included. Returns [B, H, Nq, D] (a view of [B, Nq, H, D])."""
     query_length = query.shape[-2]
-    query = query * scale
-    tables = position_tables(pos_key, pos_query, relative, by_distance, 1.0, scale)  # the query is scaled already
+    tables = position_tables(pos_key, pos_query, relative, by_distance, 1.0, scale)  # the query is scaled below
+    # unbind rather than index per head: its backward stacks the heads' gradients once, where indexing would fill a
+    # zero tensor of the whole projection for every head and add them up.
+    queries, keys, values = (query * scale).unbind(1), key.unbind(1), value.unbind(1)  # H x [B, N, D]
+    tables = [None if table is None else table.unbind(0) for table in tables]  # H x table of one head
     contexts = []
-    for head in range(query.shape[1]):
-        one = slice(head, head + 1)
-        head_tables = tuple(None if table is None else table[one] for table in tables)
-        c2p, p2c = position_products(query[:, one], key[:, one], head_tables, key_bias, by_distance)
+    for head in range(len(queries)):
+        head_tables = tuple(None if table is None else table[head][None] for table in tables)
+        c2p, p2c = position_products(queries[head][:, None], keys[head][:, None], head_tables, key_bias, by_distance)
         bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)[:, 0]
-        scores = torch.matmul(query[:, head], key[:, head].transpose(-1, -2))  # [B, Nq, Nk]
+        scores = torch.matmul(queries[head], keys[head].transpose(-1, -2))  # [B, Nq, Nk]
         scores = scores.add_(bias)  # in place: the product's backward does not need its result
         probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=True)
-        contexts.append(torch.matmul(probs, value[:, head]))  # [B, Nq, D]
+        contexts.append(torch.matmul(probs, values[head]))  # [B, Nq, D]
     return torch.stack(contexts, dim=2).transpose(1, 2)
 
 
