@@ -74,6 +74,16 @@ def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: in
     return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
 
 
+class FarDistances(NamedTuple):
+    """Every distance d <= low reads table row low_row, every d >= high reads high_row: the outermost buckets, and
+    distances past the table, which clamp to its last rows."""
+
+    low: int
+    low_row: int
+    high: int
+    high_row: int
+
+
 class RelativePositions(NamedTuple):
     """Relative positions of a query sequence against a key sequence, prepared once per forward for every layer.
 
@@ -84,7 +94,8 @@ class RelativePositions(NamedTuple):
     rows == arange(num_rows) (no bucket merges two distances, none is clamped: sequences up to position_buckets / 2):
     the projected slice is then already laid out by distance. Otherwise `index` [Nq, Nk] holds the row of every
     pair (rows[i - j + Nk - 1]) for the gathers, and `flat_index` [Nq, Nk] = index * Nk + j the place of pair
-    (i, j) in [R, Nk] products flattened (the fast path's p2c gather)."""
+    (i, j) in [R, Nk] products flattened (the fast path's p2c gather). `far` (FarDistances, when known) marks the
+    distances at both ends that share one row, so that pairs that far apart need no gather."""
 
     rows: torch.Tensor
     first_row: int
@@ -92,6 +103,7 @@ class RelativePositions(NamedTuple):
     one_row_per_distance: bool
     index: torch.Tensor | None = None
     flat_index: torch.Tensor | None = None
+    far: FarDistances | None = None
 
 
 def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
@@ -161,7 +173,14 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
     rows = relative_distance_rows(query_length, key_length, config, device)
     index = pair_index(rows, query_length, key_length)
     flat_index = index * key_length + torch.arange(key_length, device=device)
-    return RelativePositions(rows, 0, 2 * config.relative_span, False, index, flat_index)
+    far = None
+    if not (_exporting() or torch.compiler.is_compiling()):  # read on the host: no device sync, no graph break
+        host_rows = rows if rows.device.type == "cpu" else relative_distance_rows(query_length, key_length, config, "cpu")
+        # rows grow with the distance: count the runs of equal rows at both ends
+        low = int((host_rows == host_rows[0]).sum()) - 1 - (key_length - 1)
+        high = query_length - 1 - (int((host_rows == host_rows[-1]).sum()) - 1)
+        far = FarDistances(low, int(host_rows[0]), high, int(host_rows[-1]))
+    return RelativePositions(rows, 0, 2 * config.relative_span, False, index, flat_index, far)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,6 +286,25 @@ def position_products(query, key, tables, key_bias, by_distance):
     return c2p, p2c
 
 
+def _gathered_keys(far, start, stop, key_length):
+    """The keys [first, stop) that some query in rows [start, stop) reaches through a row of its own: keys before
+    `first` are at distance >= far.high from every one of those queries, keys from `stop` on at <= far.low."""
+    if far is None:
+        return 0, key_length
+    first = min(max(start - far.high + 1, 0), key_length)
+    return first, min(max(stop - 1 - far.low, first), key_length)
+
+
+def _far_scores(c2p, p2c, key_bias, row, start, stop, keys):
+    """c2p + p2c (with the key bias) of query rows [start, stop) against `keys`, where every pair reads table row
+    `row`: c2p is then constant along the keys and p2c along the queries. [H, B, rows, len(keys)]."""
+    scores = p2c[:, :, row, None, keys] if p2c is not None else key_bias[:, None, keys]  # [H, B, 1, K] or [B, 1, K]
+    if c2p is not None:
+        scores = c2p[:, :, start:stop, row, None] + scores
+    heads, batch = (c2p if c2p is not None else p2c).shape[:2]
+    return scores.expand(heads, batch, stop - start, scores.shape[-1])
+
+
 def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start, stop):
     """Query rows [start, stop) of c2p + p2c with masked keys at a large negative value: the additive mask
     [B, H, stop - start, Nk] that SDPA reads (a view of a heads-major tensor, which it takes as it is).
@@ -285,16 +323,30 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
         if c2p is not None and p2c is not None:
             return (c2p + p2c).transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
     else:
+        first_key, stop_key = _gathered_keys(relative.far, start, stop, key_length)
+        band = slice(first_key, stop_key)
         heads, batch = (c2p if c2p is not None else p2c).shape[:2]
-        rows = stop - start
+        rows, width = stop - start, stop_key - first_key
+        c2p_products = c2p
         if c2p is not None:
-            index = relative.index[start:stop].expand(heads, batch, rows, key_length)
+            index = relative.index[start:stop, band].expand(heads, batch, rows, width)
             c2p = torch.gather(c2p[:, :, start:stop], -1, index)
         if p2c is not None:
-            index = relative.flat_index[start:stop].reshape(1, 1, rows * key_length).expand(heads, batch, -1)
-            p2c = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, key_length)
-        if c2p is not None and p2c is not None:
-            return c2p.add_(p2c).transpose(0, 1)  # in place: the gathers' backward does not need their results
+            index = relative.flat_index[start:stop, band].reshape(1, 1, rows * width).expand(heads, batch, -1)
+            p2c_gathered = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, width)
+        if c2p is None:
+            gathered = p2c_gathered
+        elif p2c is None:
+            gathered = c2p + key_bias[:, None, band]
+        else:
+            gathered = c2p.add_(p2c_gathered)  # in place: the gathers' backward does not need their results
+        if width == key_length:
+            return gathered.transpose(0, 1)
+        # Keys left of the band are so far behind every query of the block that they all read far.high_row, keys
+        # right of it all read far.low_row: one row of each term, broadcast.
+        left = _far_scores(c2p_products, p2c, key_bias, relative.far.high_row, start, stop, slice(0, first_key))
+        right = _far_scores(c2p_products, p2c, key_bias, relative.far.low_row, start, stop, slice(stop_key, None))
+        return torch.cat([left, gathered, right], dim=-1).transpose(0, 1)
     if c2p is None:
         return p2c.contiguous().transpose(0, 1)
     return (c2p + key_bias[:, None, :]).transpose(0, 1)
@@ -381,6 +433,11 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, sc
     by_distance = uses_distance_layout(relative, query_length, key_length, for_backward)
     width = query_length + key_length - 1 if by_distance else relative.num_rows
     heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward)
+    far = relative.far
+    if not (by_distance or for_backward) and far is not None and MIN_BLOCK_ROWS + far.high - far.low - 2 < key_length:
+        # Past the table's reach, a block of query rows gathers only the keys within it (_gathered_keys) and
+        # broadcasts the rest: short blocks skip most of a long sequence's gathers.
+        rows_per_block = min(rows_per_block, MIN_BLOCK_ROWS)
     key_bias = key_bias_of(key_mask, query.dtype)
     if for_backward and query.device.type == "cpu" and not torch.compiler.is_compiling():
         return _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale,

@@ -124,6 +124,24 @@ def test_tiles_of_heads_and_query_rows(monkeypatch, length):
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
 
 
+@pytest.mark.parametrize("case", ["v3", "c2p_only", "p2c_only", "no_buckets", "v1_fused_projection"])
+def test_far_keys_are_broadcast_not_gathered(monkeypatch, case):
+    """Inference on a long sequence works through short blocks of query rows; each gathers only the keys within
+    the table's reach and broadcasts one row of each term for the keys beyond (_gathered_keys, _far_scores)."""
+    from modeling_deberta_custom import modeling_deberta_custom as modeling
+
+    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 16)
+    length = 100
+    relative = relative_positions(length, length, tiny_config(**CONFIGS[case]), "cpu")
+    first_block = modeling._gathered_keys(relative.far, 0, 16, length)
+    last_block = modeling._gathered_keys(relative.far, 80, 96, length)
+    assert first_block[0] == 0 and first_block[1] < length, "keys far ahead of the first block are not skipped"
+    assert last_block[0] > 0 and last_block[1] == length, "keys far behind the last block are not skipped"
+    models = model_pair(**CONFIGS[case])
+    input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
+    compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
+
+
 def test_fully_padded_row_and_no_mask():
     models = model_pair()
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=40)
@@ -187,6 +205,13 @@ def test_relative_positions_match_the_pair_index(case, query_length, key_length)
         assert relative.index is None
     else:
         assert torch.equal(relative.index, expected)
+    if relative.far is not None:  # the distances at both ends that share one row, and only those
+        far, rows = relative.far, relative.rows.tolist()
+        row_of = {d: rows[d + key_length - 1] for d in range(-(key_length - 1), query_length)}
+        assert {row_of[d] for d in row_of if d <= far.low} == {far.low_row}
+        assert {row_of[d] for d in row_of if d >= far.high} == {far.high_row}
+        assert far.low + 1 not in row_of or row_of[far.low + 1] != far.low_row
+        assert far.high - 1 not in row_of or row_of[far.high - 1] != far.high_row
 
 
 @pytest.mark.parametrize(("query_length", "key_length"), [(3, 5), (5, 2), (9, 14), (30, 70), (70, 30)])
