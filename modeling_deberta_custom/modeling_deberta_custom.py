@@ -313,7 +313,8 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
     (_diagonals, no gather), and p2c likewise along the keys; one add writes the result. By table row, c2p gathers
     along the rows of its products, and p2c from its products flattened (p2c[i, j] = p2c_products[index[i, j], j]
     at flat_index[i, j]), so that both come out in [query, key] order and the add reads them in order (reading p2c
-    transposed would cost as much as both gathers together)."""
+    transposed would cost as much as both gathers together); keys that every query of the block sees from beyond
+    the table's reach (relative.far) take one row of each term, broadcast, instead of a gather."""
     key_length = key_bias.shape[-1]
     if by_distance:
         if c2p is not None:
@@ -327,25 +328,20 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
         band = slice(first_key, stop_key)
         heads, batch = (c2p if c2p is not None else p2c).shape[:2]
         rows, width = stop - start, stop_key - first_key
-        c2p_products = c2p
-        if c2p is not None:
-            index = relative.index[start:stop, band].expand(heads, batch, rows, width)
-            c2p = torch.gather(c2p[:, :, start:stop], -1, index)
+        gathered = key_bias[:, None, band]  # [B, 1, width]: the mask alone while p2c (which carries it) is off
         if p2c is not None:
             index = relative.flat_index[start:stop, band].reshape(1, 1, rows * width).expand(heads, batch, -1)
-            p2c_gathered = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, width)
-        if c2p is None:
-            gathered = p2c_gathered
-        elif p2c is None:
-            gathered = c2p + key_bias[:, None, band]
-        else:
-            gathered = c2p.add_(p2c_gathered)  # in place: the gathers' backward does not need their results
+            gathered = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, width)
+        if c2p is not None:
+            index = relative.index[start:stop, band].expand(heads, batch, rows, width)
+            # in place: the gather's backward does not need its result
+            gathered = torch.gather(c2p[:, :, start:stop], -1, index).add_(gathered)
         if width == key_length:
             return gathered.transpose(0, 1)
         # Keys left of the band are so far behind every query of the block that they all read far.high_row, keys
         # right of it all read far.low_row: one row of each term, broadcast.
-        left = _far_scores(c2p_products, p2c, key_bias, relative.far.high_row, start, stop, slice(0, first_key))
-        right = _far_scores(c2p_products, p2c, key_bias, relative.far.low_row, start, stop, slice(stop_key, None))
+        left = _far_scores(c2p, p2c, key_bias, relative.far.high_row, start, stop, slice(0, first_key))
+        right = _far_scores(c2p, p2c, key_bias, relative.far.low_row, start, stop, slice(stop_key, None))
         return torch.cat([left, gathered, right], dim=-1).transpose(0, 1)
     if c2p is None:
         return p2c.contiguous().transpose(0, 1)

@@ -380,30 +380,31 @@ def plot(results, models, path):
 
 
 def memory_pass(args):
-    """Runs this script again as a child per mode and shape, with a fixed mmap threshold and --memory-json; returns
-    their records. A child the system kills (out of memory) costs only its own shape, recorded as an error."""
+    """Runs this script again as a child per mode, shape and model, with a fixed mmap threshold and --memory-json;
+    returns their records. Each child holds one model, and one the system kills (out of memory) costs only its own
+    measurement, recorded as an error."""
     import subprocess
     import tempfile
 
-    print("\npeak memory (child processes, one call after one warm-up call)", flush=True)
+    print("\npeak memory (a child process per model and shape, one call after one warm-up call)", flush=True)
     records = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     shapes = [("forward", shape) for shape in args.forward_shapes] + [("train", shape) for shape in args.train_shapes]
     for mode, (batch, length) in shapes:
         shape = f"{batch}x{length}"
-        with tempfile.TemporaryDirectory() as folder:
-            target = Path(folder) / "memory.json"
-            command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--warmup", "1",
-                       "--forward-shapes", shape if mode == "forward" else "",
-                       "--train-shapes", shape if mode == "train" else "", "--memory-json", str(target)]
-            result = subprocess.run(command, env=env)
-            if result.returncode == 0:
-                records += json.loads(target.read_text())
-                continue
-        reason = "killed (out of memory?)" if result.returncode < 0 else f"exit status {result.returncode}"
-        print(f"  {mode:7s} {batch:2d}x{length:<6d} memory pass {reason}", flush=True)
-        records += [dict(mode=mode, model=name, batch=batch, length=length, peak_bytes=None, error=None)
-                    for name in args.models]
+        for name in args.models:
+            with tempfile.TemporaryDirectory() as folder:
+                target = Path(folder) / "memory.json"
+                command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--warmup", "1",
+                           "--models", name, "--forward-shapes", shape if mode == "forward" else "",
+                           "--train-shapes", shape if mode == "train" else "", "--memory-json", str(target)]
+                result = subprocess.run(command, env=env)
+                if result.returncode == 0:
+                    records += json.loads(target.read_text())
+                    continue
+            reason = "killed (out of memory?)" if result.returncode < 0 else f"exit status {result.returncode}"
+            print(f"  {mode:7s} {batch:2d}x{length:<6d} {name:11s} memory pass {reason}", flush=True)
+            records.append(dict(mode=mode, model=name, batch=batch, length=length, peak_bytes=None, error=None))
     return records
 
 
