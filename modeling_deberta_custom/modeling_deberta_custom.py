@@ -404,6 +404,13 @@ def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key
     # zero tensor of the whole projection for every head and add them up.
     queries, keys, values = (query * scale).unbind(1), key.unbind(1), value.unbind(1)  # H x [B, N, D]
     tables = [None if table is None else table.unbind(0) for table in tables]  # H x table of one head
+    # Dropout draws its noise for all heads at once, in [B, H, Nq, Nk] order and scaled as torch's CPU dropout does
+    # it inside SDPA: under reentrant gradient checkpointing the forward runs without grad (through SDPA) and the
+    # recomputation for backward runs here, and both must drop the same probabilities.
+    keep = None
+    if dropout > 0:
+        keep = torch.empty(*query.shape[:3], key.shape[-2], dtype=query.dtype, device=query.device)
+        keep = keep.bernoulli_(1 - dropout).div_(1 - dropout)
     contexts = []
     for head in range(len(queries)):
         head_tables = tuple(None if table is None else table[head][None] for table in tables)
@@ -411,7 +418,9 @@ def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key
         bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)[:, 0]
         scores = torch.matmul(queries[head], keys[head].transpose(-1, -2))  # [B, Nq, Nk]
         scores = scores.add_(bias)  # in place: the product's backward does not need its result
-        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=True)
+        probs = torch.softmax(scores, dim=-1)
+        if keep is not None:
+            probs = probs * keep[:, head]
         contexts.append(torch.matmul(probs, values[head]))  # [B, Nq, D]
     return torch.stack(contexts, dim=2).transpose(1, 2)
 

@@ -142,6 +142,24 @@ def test_far_keys_are_broadcast_not_gathered(monkeypatch, case):
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
 
 
+@pytest.mark.parametrize("length", [12, 40])
+def test_training_drops_what_sdpa_drops_without_grad(length):
+    """Reentrant gradient checkpointing runs a layer's forward without grad (SDPA, which draws the attention dropout
+    itself) and recomputes it with grad for backward (the CPU training path): from the same RNG state the two must
+    drop the same probabilities, or the gradients belong to another forward."""
+    torch.manual_seed(0)
+    model = DebertaCustomModel(tiny_config(attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1)).train()
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=3, length=length)
+    torch.manual_seed(1)
+    with_grad = model(input_ids, attention_mask).last_hidden_state
+    torch.manual_seed(1)
+    with torch.no_grad():
+        without_grad = model(input_ids, attention_mask).last_hidden_state
+    assert_close(with_grad.detach(), without_grad, "training output with and without grad")
+    torch.manual_seed(2)
+    assert not torch.allclose(model(input_ids, attention_mask).last_hidden_state, with_grad), "dropout is off"
+
+
 def test_fully_padded_row_and_no_mask():
     models = model_pair()
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=40)
