@@ -372,6 +372,10 @@ DDP_SCRIPT = textwrap.dedent("""
         json.dump(dict(world_size=args.world_size, max_difference=float((gathered[0] - gathered[1]).abs().max()),
                        log_history=trainer.state.log_history, installed=callback.installed),
                   open(sys.argv[1] + "/ddp.json", "w"))
+    # Leave the process group before exit: a gloo thread still running at interpreter shutdown aborts the process
+    # ("terminate called without an active exception") now and then.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
