@@ -375,10 +375,12 @@ TILE_ELEMENTS = 1 << 25
 MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
 
 
-def _attention_tiles(batch, heads, query_length, key_length, width, for_backward):
+def _attention_tiles(batch, heads, query_length, key_length, width, for_backward, far=None):
     """(heads per group, query rows per block) for the fast path: groups of equal size whose products
-    ([Nq + Nk, W] per head) and additive mask ([rows, Nk] per head) stay within TILE_ELEMENTS. One tile while
-    compiling or tracing, where the compiler plans memory itself."""
+    ([Nq + Nk, W] per head) and additive mask ([rows, Nk] per head) stay within TILE_ELEMENTS. For inference with
+    keys beyond the table's reach (`far`, gathered layout), blocks of MIN_BLOCK_ROWS rows: each then gathers only the
+    keys within its reach (_gathered_keys) and broadcasts the rest. One tile while compiling or tracing, where the
+    compiler plans memory itself."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return heads, query_length
     products = batch * (query_length + key_length) * width  # per head
@@ -388,6 +390,8 @@ def _attention_tiles(batch, heads, query_length, key_length, width, for_backward
     rows_per_block = query_length
     if heads_per_group == 1 and products + mask > TILE_ELEMENTS and not for_backward:
         rows_per_block = max(MIN_BLOCK_ROWS, (TILE_ELEMENTS - products) // (batch * key_length))
+    if not for_backward and far is not None and MIN_BLOCK_ROWS + far.high - far.low - 2 < key_length:
+        rows_per_block = min(rows_per_block, MIN_BLOCK_ROWS)  # a block's gathered keys: rows + high - low - 2
     return heads_per_group, rows_per_block
 
 
@@ -437,12 +441,9 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, sc
     for_backward = _needs_backward(query, key, pos_key, pos_query)
     by_distance = uses_distance_layout(relative, query_length, key_length, for_backward)
     width = query_length + key_length - 1 if by_distance else relative.num_rows
-    heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward)
-    far = relative.far
-    if not (by_distance or for_backward) and far is not None and MIN_BLOCK_ROWS + far.high - far.low - 2 < key_length:
-        # Past the table's reach, a block of query rows gathers only the keys within it (_gathered_keys) and
-        # broadcasts the rest: short blocks skip most of a long sequence's gathers.
-        rows_per_block = min(rows_per_block, MIN_BLOCK_ROWS)
+    far = None if by_distance else relative.far  # only gathers skip far keys
+    heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward,
+                                                       far)
     key_bias = key_bias_of(key_mask, query.dtype)
     if for_backward and query.device.type == "cpu" and not torch.compiler.is_compiling():
         return _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale,
@@ -469,14 +470,18 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, sc
     return torch.cat(groups, dim=2).transpose(1, 2), None
 
 
+def _flex_attention_uncompiled():
+    from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5; imported only by this path
+
+    return flex_attention
+
+
 @functools.cache
 def _compiled_flex_attention():
     """torch's flex_attention compiled once for the process (FlexAttention runs unfused, materialising every score,
     unless compiled). Shapes stay static: inductor's CPU kernel for dynamic shapes fails to build in torch 2.13, so
     each new sequence length compiles anew (a few seconds)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(_flex_attention_uncompiled(), dynamic=False)
 
 
 def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
@@ -511,10 +516,8 @@ def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mas
             score = score + c2p[head, batch, i, row]
         return score + (p2c[head, batch, row, j] if p2c is not None else key_bias[batch, j])
 
-    if torch.compiler.is_compiling():
-        from torch.nn.attention.flex_attention import flex_attention
-    else:
-        flex_attention = _compiled_flex_attention()
+    # Inside torch.compile the caller's graph takes FlexAttention in; outside, it runs compiled on its own.
+    flex_attention = _flex_attention_uncompiled() if torch.compiler.is_compiling() else _compiled_flex_attention()
     return flex_attention(query, key, value, score_mod=add_position_scores, scale=scale), None
 
 

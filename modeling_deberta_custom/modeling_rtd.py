@@ -47,13 +47,8 @@ from .modeling_deberta_custom import (
     DebertaCustomPreTrainedModel,
     DebertaCustomRTDHead,
     _check_labels,
+    init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
 )
-
-try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
-    from transformers import initialization as init
-except ImportError:  # transformers 4.x initialises before loading, so plain torch initialisers are right
-    from torch.nn import init
-
 
 RTD_AUTO_MAP = {**AUTO_MAP, "AutoModelForPreTraining": "modeling_rtd.DebertaCustomForRTDPreTraining"}
 

@@ -131,12 +131,16 @@ def test_far_keys_are_broadcast_not_gathered(monkeypatch, case):
     from modeling_deberta_custom import modeling_deberta_custom as modeling
 
     monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 16)
-    length = 100
+    length = 200  # the tiny table reaches 63 tokens either way: a 16-row block sees about 140 keys within reach
     relative = relative_positions(length, length, tiny_config(**CONFIGS[case]), "cpu")
     first_block = modeling._gathered_keys(relative.far, 0, 16, length)
-    last_block = modeling._gathered_keys(relative.far, 80, 96, length)
+    last_block = modeling._gathered_keys(relative.far, 180, 196, length)
     assert first_block[0] == 0 and first_block[1] < length, "keys far ahead of the first block are not skipped"
     assert last_block[0] > 0 and last_block[1] == length, "keys far behind the last block are not skipped"
+    tiles = modeling._attention_tiles(3, 4, length, length, relative.num_rows, for_backward=False, far=relative.far)
+    assert tiles[1] == 16, "inference does not work through short blocks of query rows"
+    assert modeling._attention_tiles(3, 4, length, length, relative.num_rows, for_backward=True,
+                                     far=relative.far)[1] == length  # training keeps whole rows
     models = model_pair(**CONFIGS[case])
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))

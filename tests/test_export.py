@@ -27,16 +27,6 @@ BATCH_SIZES = (1, 3)  # the export sample has batch 2 and length 16
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded: intra-op threads cost more than they give (much more on a busy
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(model_class, implementation="sdpa", **overrides):
     config = tiny_config(**overrides)
     config._attn_implementation = implementation

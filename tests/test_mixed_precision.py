@@ -19,16 +19,6 @@ VOCAB, BATCH, LENGTH, STEPS, WINDOW = 96, 16, 32, 200, 20
 PAD_ID, MASK_ID = 0, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded: intra-op threads cost more than they give (much more on a busy
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic_mlm_batches(steps=STEPS, seed=0):
     """Sequences from a fixed Markov chain (each token has 3 likely successors, so there is something to learn),
     right-padded to random lengths, 15% of real tokens masked. Precomputed so every run sees the same batches."""

@@ -23,14 +23,6 @@ WORDS = ("the king and queen of england walked through the garden where roses we
          "were running and laughing beside the old fountain in the morning light").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_script(path):
     name = f"resume_test_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)

@@ -34,15 +34,6 @@ SPM_MODEL = SHARED_DATA / "tokenizers" / "deberta-v3" / "spm.model"
 LABELS = {"text-classification": ["negative", "positive"], "token-classification": ["O", "B-PER", "I-PER", "B-LOC"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded: intra-op threads cost more than they give (much more on a busy
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Nothing kept alive between calls
 # ----------------------------------------------------------------------------------------------------------------------
