@@ -1,33 +1,41 @@
-"""SiFT, scale-invariant fine-tuning (DeBERTa paper §4; the original code is DeBERTa/sift/sift.py).
+"""SiFT, scale-invariant fine-tuning (DeBERTa paper §4), computed as the authors' code computes it
+(DeBERTa/sift/sift.py: `hook_sift_layer` + `AdversarialLearner.loss`, used by DeBERTa/apps/run.py with --vat_lambda).
 
-SiFT perturbs the *normalized* word embeddings instead of the raw ones, so one perturbation size fits every model:
-the input x of `embeddings.LayerNorm`, normalized without affine, gets a small delta. From delta ~ N(0, 1e-2)
-(clamped to +-2e-2) one normalized ascent step
+SiFT perturbs the *normalized* word embeddings, so one perturbation size fits every model. Step by step:
 
-    delta += step_size * g / (1e-6 + max|g| over the hidden dimension),  g = d divergence / d delta,
+1. A forward pre-hook on `embeddings.LayerNorm` (`SiFTPerturbation`) replaces the LayerNorm's input x by
+   LayerNorm_noaffine(x) (eps 1e-7) on every forward while SiFT is installed, the clean training pass included.
+2. In adversarial mode the hook feeds normalized(x).detach() + delta instead: the perturbed passes reach every
+   parameter from `embeddings.LayerNorm` on, but not the embedding tables. delta ~ N(0, 1e-2^2), clamped to
+   +-2e-2, fp32, drawn from the global random stream at the first perturbed pass.
+3. Ascent: with every parameter frozen, one perturbed forward (training mode, so fresh dropout masks),
+   loss_fn(perturbed logits, clean logits detached).sum(), backward to delta;
+   delta += 1e-4 * g / (1e-6 + max|g| over the hidden dimension), skipped when the norm of g is not finite.
+4. Parameters unfrozen, a second perturbed forward (fresh dropout again). The adversarial loss is
+   `symmetric_kl(perturbed logits, clean logits)` with the clean logits NOT detached, averaged over rows; the
+   training loss is task loss + lambda * that (the recipes use lambda 3 for v3-xsmall, 5 otherwise).
+5. `symmetric_kl` is the original's: sum(p_clean.detach() * -log p_pert) + sum(p_pert.detach() * -log p_clean),
+   in fp32. Its value includes both entropies (it is not ~0 when the two predictions agree); its gradient pulls each
+   side towards the other. Because the two passes draw different dropout masks, most of the term's gradient comes
+   from dropout noise between them (a consistency regularizer), plus, through the clean side, a pull on the
+   embedding table; the perturbation itself is a small part at these settings.
 
-moves it towards the largest change of the predictions; the model parameters get no gradient from that step. The
-adversarial loss is then the divergence between the predictions with the stepped delta and the clean predictions,
-added to the task loss with weight lambda (the recipes use 3 to 5).
+How the original treats the heads, mirrored here: the ascent's `loss_fn` is --vat_loss_fn ("symmetric-kl" by
+default, "kl", "mse"); the final term is always `symmetric_kl` over the last dimension of the logits, rows being
+every other position (token classification: every token, padding included). Multi-label heads are treated as one
+softmax over the labels. A one-logit regression head (STS-B) gets an identically zero term: the softmax of one logit
+is 1, so both the ascent gradient and the final term vanish (SiFT then only costs time; the clean forward still
+goes through the normalization of step 1). Question answering (start and end logits; not in the original's apps):
+the ascent sums both, the final term averages the two.
 
-Choices made here, and why:
-- Perturbing normalize(x) + delta is implemented as replacing x by x + sigma(x) * delta, with sigma(x) the
-  standard deviation LayerNorm divides by. LayerNorm is invariant to shift and positive scale, so both give the
-  same LayerNorm output (up to the LayerNorm epsilon), and with delta = 0 the perturbed pass is *exactly* the clean
-  pass, so a zero perturbation gives an adversarial loss of exactly zero. The embeddings are recomputed in the
-  perturbed passes, so the adversarial loss also reaches the embedding table (the original code detaches it).
-- The perturbed passes replay the random state of the clean pass: they use the same dropout masks. The divergence
-  then measures the effect of delta alone; with fresh masks it would also measure dropout noise (a consistency
-  regularizer on top of SiFT), and delta = 0 would not give zero. Pass `same_dropout=False` for fresh masks.
-- Divergences are computed in fp32: symmetric KL for classification (sequences, tokens, choices; start and end
-  distributions for question answering, averaged), squared error for a one-logit regression head (the KL of a
-  one-logit softmax is identically zero), and the symmetric Bernoulli KL for multi-label heads.
-- The ascent step uses the divergence summed over the batch (as the original code): the step is normalized by
-  max|g|, so the sum only keeps gradients of small batches clear of the 1e-6 floor. The adversarial loss added to
-  the task loss is the mean over examples (over real tokens for token classification).
+Consequence of step 1 for the trained model: while SiFT is installed, `embeddings.LayerNorm` sees inputs already
+normalized with eps 1e-7, which is the same as a LayerNorm whose epsilon is ~eps * var(x) instead of eps. Without
+the hook (after training, or when the saved model is loaded) the LayerNorm uses its own eps again: the relative
+change of its output is about eps / (2 var(x)), 1e-7 / (2 * 4e-4) ~ 1e-4 for embeddings initialized with std 0.02,
+less once they grow; tests/test_sift.py checks that logits with and without the hook agree to 1e-3.
 
-Use it with an unchanged `Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=3.0)])`, or in a custom
-training loop through `sift_loss` (see its docstring).
+Use it with an unchanged `Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=5.0)])`, or in a custom
+training loop through `SiFTPerturbation` and `sift_loss` (see its docstring).
 """
 
 from __future__ import annotations
@@ -35,12 +43,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 logger = logging.getLogger(__name__)
 
@@ -49,51 +59,51 @@ LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions")
 
 __all__ = [
     "symmetric_kl",
-    "symmetric_bernoulli_kl",
-    "squared_error",
-    "output_divergence",
+    "kl",
+    "mse",
+    "ASCENT_LOSSES",
     "initial_perturbation",
     "ascent_step",
-    "NormalizedPerturbation",
+    "SiFTPerturbation",
     "find_perturbed_module",
-    "capture_rng_state",
-    "restore_rng_state",
     "sift_loss",
     "SiFTCallback",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Divergences (fp32, one value per row of the last dimension)
+# The original's divergences: logits [..., K] are read as rows of K classes, in fp32
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [rows, K] in fp32 (float64 stays float64)."""
+    return logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def symmetric_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) + KL(q || p) of the softmax distributions over the last dimension, in fp32: [..., K] -> [...].
-    Equals sum_k (p_k - q_k)(log p_k - log q_k); exactly zero when both logits are equal."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_q = F.log_softmax(target.float(), dim=-1)
-    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    """The original's symmetric KL, one value per row: CE(p_target, p_logits) + CE(p_logits, p_target) with both
+    probabilities detached, [..., K] -> [rows]. Gradient: to `logits` from the first term, to `target` from the
+    second (unless it is detached)."""
+    log_p = F.log_softmax(_rows(logits), dim=-1)  # [rows, K]
+    log_q = F.log_softmax(_rows(target), dim=-1)
+    return (log_q.exp().detach() * -log_p).sum(-1) + (log_p.exp().detach() * -log_q).sum(-1)
 
 
-def symmetric_bernoulli_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Symmetric KL of independent Bernoulli labels (multi-label heads), summed over the last dimension, in fp32.
-    For Bernoulli distributions KL(p || q) + KL(q || p) = (p - q)(logit p - logit q)."""
-    logits, target = logits.float(), target.float()
-    return ((torch.sigmoid(logits) - torch.sigmoid(target)) * (logits - target)).sum(-1)
+def kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original's `kl`: CE(p_target detached, p_logits) per row, [..., K] -> [rows]."""
+    log_p = F.log_softmax(_rows(logits), dim=-1)
+    q = F.softmax(_rows(target.detach()), dim=-1)
+    return (q * -log_p).sum(-1)
 
 
-def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over the last dimension, in fp32: the divergence for a one-logit regression head."""
-    return (prediction.float() - target.float()).pow(2).sum(-1)
+def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original's `mse`: mean squared error over every element, a scalar."""
+    return F.mse_loss(_rows(logits).reshape(-1), _rows(target).reshape(-1))
 
 
-def _divergence_function(logits: torch.Tensor, problem_type: str | None):
-    if logits.shape[-1] == 1:
-        return squared_error
-    if problem_type == "multi_label_classification":
-        return symmetric_bernoulli_kl
-    return symmetric_kl
+# The ascent step's loss, by the original's --vat_loss_fn names.
+ASCENT_LOSSES = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
 
 
 def _predictions(outputs) -> list[torch.Tensor]:
@@ -108,73 +118,74 @@ def _predictions(outputs) -> list[torch.Tensor]:
     raise ValueError(f"SiFT needs `logits` (or `start_logits`/`end_logits`) in the model output, got {list(outputs)}")
 
 
-def output_divergence(perturbed, clean, *, problem_type: str | None = None, token_mask: torch.Tensor | None = None,
-                      reduction: str = "mean") -> torch.Tensor:
-    """Divergence between two outputs of the same head, in fp32 (see the module docstring for the choice per head).
-
-    Per-token predictions ([B, N, K], token classification) are averaged over the positions where `token_mask` is
-    1 when it is given with shape [B, N]. Question answering averages the start and end divergences.
-    `reduction`: "mean" over examples (or tokens), or "sum".
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    pairs = list(zip(_predictions(perturbed), _predictions(clean), strict=True))
-    total = 0.0
-    for perturbed_logits, clean_logits in pairs:
-        values = _divergence_function(clean_logits, problem_type)(perturbed_logits, clean_logits)  # [B] or [B, N]
-        if token_mask is not None and values.dim() == 2 and tuple(token_mask.shape) == tuple(values.shape):
-            weights = token_mask.to(values.dtype)
-            summed, count = (values * weights).sum(), weights.sum().clamp_min(1.0)
-        else:
-            summed, count = values.sum(), max(values.numel(), 1)
-        total = total + (summed / count if reduction == "mean" else summed)
-    return total / len(pairs)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The perturbation
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def initial_perturbation(shape, std: float = 1e-2, clamp: float | None = None, generator: torch.Generator | None = None,
-                         device=None) -> torch.Tensor:
-    """delta ~ N(0, std^2) clamped to +-clamp (default 2 * std), fp32."""
+def initial_perturbation(shape, std: float = 1e-2, clamp: float | None = None, device=None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """delta ~ N(0, std^2) clamped to +-clamp (default 2 * std), fp32; from the global random stream by default."""
     clamp = 2 * std if clamp is None else clamp
-    device = generator.device if generator is not None else device
     delta = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     return (delta * std).clamp_(-clamp, clamp)
 
 
 def ascent_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float = 1e-4) -> torch.Tensor:
-    """delta + step_size * g / (1e-6 + max|g| over the last (hidden) dimension), detached, fp32. Non-finite
-    gradient entries count as zero (the original code skips a step whose gradient norm is not finite)."""
-    grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    return (delta.detach().float() + step_size * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))).detach()
+    """delta + step_size * g / (1e-6 + max|g| over the last (hidden) dimension), fp32, detached; delta unchanged when
+    the norm of g is not finite (as the original). Decided on the device: no host read."""
+    stepped = delta.detach() + step_size * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
+    return torch.where(torch.isfinite(grad.norm()), stepped, delta.detach())
 
 
-class NormalizedPerturbation:
-    """Forward pre-hook for a LayerNorm: replaces its input x by x + sigma(x) * delta, sigma(x) being the standard
-    deviation the LayerNorm divides by, so that its output is LayerNorm(normalize(x) + delta) (up to epsilon).
+class SiFTPerturbation:
+    """The original's perturbation layer as a forward pre-hook on a LayerNorm (normally `embeddings.LayerNorm`).
 
-    delta is drawn from `initial_perturbation` (with `generator`) at the first call, with the shape of x, unless it
-    was set; `requires_grad` makes a freshly drawn delta a leaf that collects the ascent gradient."""
+    Outside adversarial mode it replaces the LayerNorm's input x by LayerNorm_noaffine(x) (epsilon `eps`, 1e-7 as
+    the original). In adversarial mode it feeds LayerNorm_noaffine(x).detach() + delta, in x's dtype; delta is drawn
+    by `initial_perturbation` at the first adversarial call unless set, and requires grad (the ascent reads it).
+    The embeddings before the LayerNorm are deterministic (no dropout), so normalizing x again in each perturbed pass
+    gives the very tensor the original keeps from the clean pass.
 
-    def __init__(self, eps: float, std: float = 1e-2, clamp: float | None = None,
-                 generator: torch.Generator | None = None, requires_grad: bool = False):
-        self.eps, self.std, self.clamp, self.generator = eps, std, clamp, generator
-        self.requires_grad = requires_grad
+        perturbation = SiFTPerturbation.install(model)   # hooks model's *embeddings.LayerNorm
+        ...
+        perturbation.remove()
+    """
+
+    def __init__(self, eps: float = 1e-7, init_perturbation: float = 1e-2, clamp: float | None = None):
+        self.eps, self.init_perturbation, self.clamp = eps, init_perturbation, clamp
+        self.adversarial = False
         self.delta: torch.Tensor | None = None
+        self.module: nn.LayerNorm | None = None
+        self._handle = None
+
+    @classmethod
+    def install(cls, model: nn.Module, perturbed_module: str | nn.Module | None = None, **settings):
+        perturbation = cls(**settings)
+        perturbation.module = find_perturbed_module(model, perturbed_module)
+        perturbation._handle = perturbation.module.register_forward_pre_hook(perturbation)
+        return perturbation
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def installed(self) -> bool:
+        return self._handle is not None
 
     def __call__(self, module, args):
         x = args[0]
+        compute = torch.promote_types(x.dtype, torch.float32)  # fp32 (float64 stays float64)
+        normalized = F.layer_norm(x.to(compute), x.shape[-1:], eps=self.eps).to(x.dtype)
+        if not self.adversarial:
+            return (normalized,) + tuple(args[1:])
         if self.delta is None:
-            self.delta = initial_perturbation(x.shape, self.std, self.clamp, self.generator, x.device)
-            self.delta = self.delta.to(x.device).requires_grad_(self.requires_grad)
+            self.delta = initial_perturbation(x.shape, self.init_perturbation, self.clamp, x.device).requires_grad_()
         if tuple(self.delta.shape) != tuple(x.shape):
             raise ValueError(f"The perturbation has shape {tuple(self.delta.shape)}, the input {tuple(x.shape)}")
-        x32 = x.float()
-        sigma = torch.sqrt(x32.var(-1, unbiased=False, keepdim=True) + self.eps)  # [..., 1]
-        return ((x32 + sigma * self.delta).to(x.dtype),) + tuple(args[1:])
+        return ((normalized.detach().to(self.delta.dtype) + self.delta).to(x.dtype),) + tuple(args[1:])
 
 
 def find_perturbed_module(model: nn.Module, target: str | nn.Module | None = None) -> nn.LayerNorm:
@@ -199,38 +210,13 @@ def find_perturbed_module(model: nn.Module, target: str | nn.Module | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Random state: the perturbed passes replay the dropout masks of the clean pass
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def capture_rng_state(device: torch.device | str) -> dict:
-    """The CPU random state, plus the accelerator's for a model on one (what dropout draws from)."""
-    device = torch.device(device)
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = (device, torch.cuda.get_rng_state(device))
-    elif device.type != "cpu" and hasattr(torch, device.type):
-        state[device.type] = (device, getattr(torch, device.type).get_rng_state())
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    for kind, (device, value) in ((k, v) for k, v in state.items() if k != "cpu"):
-        if kind == "cuda":
-            torch.cuda.set_rng_state(value, device)
-        else:
-            getattr(torch, kind).set_rng_state(value)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The adversarial loss
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def _parameters_frozen(model: nn.Module):
-    """Every parameter has requires_grad False inside (the ascent step must not reach them), restored after."""
+    """Every parameter has requires_grad False inside (the ascent must not reach them), restored after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
@@ -245,70 +231,53 @@ def sift_loss(
     model: nn.Module,
     inputs: Mapping,
     clean_outputs,
+    perturbation: SiFTPerturbation,
     *,
-    perturbed_module: str | nn.Module | None = None,
-    init_perturbation: float = 1e-2,
-    perturbation_clamp: float | None = None,
+    loss_fn: str = "symmetric-kl",
     step_size: float = 1e-4,
     ascent_steps: int = 1,
-    rng_state: dict | None = None,
-    generator: torch.Generator | None = None,
+    delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SiFT's adversarial loss for one batch (a scalar with gradient to the model), for custom training loops:
+    """SiFT's adversarial loss for one batch (a scalar with gradient to the model), as the original computes it:
 
-        rng = capture_rng_state(device)            # optional: replay the clean pass's dropout masks
+        perturbation = SiFTPerturbation.install(model)  # before the clean pass: it normalizes its input too
         outputs = model(**batch)
-        loss = outputs.loss + 3.0 * sift_loss(model, batch, outputs, rng_state=rng)
+        loss = outputs.loss + 5.0 * sift_loss(model, batch, outputs, perturbation)
         loss.backward()
 
-    `model` is the module that produced `clean_outputs` from `inputs` (for DistributedDataParallel, the wrapped
-    `.module`: the perturbed passes run inside the step that DDP synchronizes). Label arguments are dropped from the
-    perturbed passes. `ascent_steps` ascent steps (each one forward and backward with every parameter frozen), then
-    one perturbed forward whose divergence from `clean_outputs` (not detached, as in the original code) is returned.
-    `rng_state`: the random state captured just before the clean forward; the perturbed passes then use the same
-    dropout masks, and the random state after this call is the one after the clean pass. Without it they draw fresh
-    masks. `generator` draws the initial perturbation; without one, a generator is seeded with a number drawn from
-    the global random state (which that draw advances).
+    `model` is the module that produced `clean_outputs` from `inputs` through `perturbation` (for
+    DistributedDataParallel, the wrapped `.module`: the perturbed passes run inside the step DDP synchronizes). Label
+    arguments are dropped from the perturbed passes. `loss_fn`: the ascent's loss (the original's --vat_loss_fn:
+    "symmetric-kl", "kl" or "mse"); the returned term is always the original's `symmetric_kl`. `ascent_steps`:
+    1 as the original (0 skips the ascent; more repeat it). `delta`: the initial perturbation (default: drawn, see
+    `SiFTPerturbation`). The perturbed passes run in the model's mode: in training mode they draw fresh dropout masks.
     """
-    module = find_perturbed_module(model, perturbed_module)
+    if loss_fn not in ASCENT_LOSSES:
+        raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)} (the original's --vat_loss_fn), got {loss_fn!r}")
+    if not perturbation.installed:
+        raise RuntimeError("sift_loss needs the SiFTPerturbation hook installed (before the clean forward)")
+    ascent_loss = ASCENT_LOSSES[loss_fn]
     perturbed_inputs = {k: v for k, v in inputs.items() if k not in LABEL_ARGUMENTS}
-    config = getattr(model, "config", None)  # a plain nn.Module has none
-    problem_type = config.problem_type if config is not None else None
-    token_mask = inputs.get("attention_mask")
-    clean_detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in clean_outputs.items()}
-    device = next(model.parameters()).device
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,)).item()))
-    state_after = capture_rng_state(device) if rng_state is not None else None
-
-    perturbation = NormalizedPerturbation(module.eps, init_perturbation, perturbation_clamp, generator,
-                                          requires_grad=ascent_steps > 0)
-    handle = module.register_forward_pre_hook(perturbation)
+    clean = _predictions(clean_outputs)
+    perturbation.adversarial = True
+    perturbation.delta = None if delta is None else delta.detach().clone().requires_grad_()
     try:
-        for _ in range(ascent_steps):
-            if rng_state is not None:
-                restore_rng_state(rng_state)
-            with _parameters_frozen(model):
-                divergence = output_divergence(model(**perturbed_inputs), clean_detached, problem_type=problem_type,
-                                               token_mask=token_mask, reduction="sum")
+        with _parameters_frozen(model):
+            for _ in range(ascent_steps):
+                perturbed = _predictions(model(**perturbed_inputs))
+                divergence = sum(ascent_loss(p, c.detach()).sum() for p, c in zip(perturbed, clean, strict=True))
                 delta = perturbation.delta
-                if delta is None or not divergence.requires_grad:
-                    raise RuntimeError(f"SiFT: the perturbed module {type(module).__name__} is not on the path from "
-                                       "the inputs to the predictions")
+                if delta is None or delta.grad_fn is not None or not divergence.requires_grad:
+                    raise RuntimeError(f"SiFT: the perturbed module {type(perturbation.module).__name__} is not on the "
+                                       "path from the inputs to the predictions")
                 # backward rather than autograd.grad: reentrant gradient checkpointing supports only the former.
                 divergence.backward()
-            perturbation.delta = ascent_step(delta, delta.grad, step_size)
-        if rng_state is not None:
-            restore_rng_state(rng_state)
-        if perturbation.delta is not None:
-            perturbation.delta = perturbation.delta.detach()
-        perturbation.requires_grad = False
-        return output_divergence(model(**perturbed_inputs), clean_outputs, problem_type=problem_type,
-                                 token_mask=token_mask, reduction="mean")
+                perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()
+        perturbed = _predictions(model(**perturbed_inputs))
+        return sum(symmetric_kl(p, c).mean() for p, c in zip(perturbed, clean, strict=True)) / len(clean)
     finally:
-        handle.remove()
-        if state_after is not None:
-            restore_rng_state(state_after)
+        perturbation.adversarial = False
+        perturbation.delta = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,104 +286,92 @@ def sift_loss(
 
 
 class SiFTCallback(TrainerCallback):
-    """Adds SiFT to an unchanged `transformers.Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=3.0)])`.
+    """Adds SiFT to an unchanged `transformers.Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=5.0)])`.
 
-    At `on_train_begin` it hooks the model: a forward pre-hook keeps the random state before each training forward,
-    and a forward hook adds `adv_weight * sift_loss(...)` to `outputs.loss` whenever the model runs in training
-    mode with gradients and a loss (so evaluation and prediction are untouched). The perturbed passes re-enter the
-    model; a flag keeps the hooks from acting on them. `on_train_end` removes both hooks (call `remove()` yourself
-    if training stops on an exception). No module, parameter or buffer is added: `state_dict` and saving are
-    unchanged. Because the loss changes inside the model's forward, gradient accumulation, autocast (bf16/fp16),
-    gradient checkpointing and DistributedDataParallel (the hooks sit on the wrapped module) need nothing else.
+    At `on_train_begin` it installs the `SiFTPerturbation` pre-hook on the model's `embeddings.LayerNorm` (from then
+    on every forward normalizes the LayerNorm's input, evaluation during training included, as in the original) and
+    a forward hook on the model that adds `adv_weight * sift_loss(...)` to `outputs.loss` whenever the model runs in
+    training mode with gradients and a loss. The perturbed passes re-enter the model; a flag keeps the hook from
+    acting on them. `on_train_end` removes both hooks (call `remove()` yourself if training stops on an exception).
+    No module, parameter or buffer is added: `state_dict` and saving are unchanged. Because the loss changes inside
+    the model's forward, gradient accumulation, autocast (bf16/fp16), gradient checkpointing and
+    DistributedDataParallel (the hooks sit on the wrapped module) need nothing else. Random draws (delta, dropout)
+    come from the global random stream, which the Trainer saves in checkpoints: a resumed run draws as an
+    uninterrupted one.
 
-    The mean adversarial loss since the last log is written into the Trainer's logs as `sift_loss` (and into
-    `state.log_history`; the progress bar prints it, report_to integrations run before callbacks and miss it), and
-    the mean over training as `train_sift_loss` in the final training log.
+    The mean adversarial loss since the last log is added to the Trainer's logs as `sift_loss`, and its mean over
+    training as `train_sift_loss` in the final training log. The values are summed on the device and read once per
+    log. So that the report_to integrations (TensorBoard, W&B, ...) receive them, the callback moves itself ahead of
+    them in the Trainer's callback list at `on_train_begin`.
 
-    Settings: `adv_weight` (lambda), `init_perturbation` (std of delta), `perturbation_clamp` (default 2 * std),
-    `step_size`, `ascent_steps`, `perturbed_module` (see `find_perturbed_module`), `same_dropout` (replay the
-    clean pass's dropout masks in the perturbed passes; see the module docstring).
+    Settings (the original's names in brackets): `adv_weight` (vat_lambda), `init_perturbation`
+    (vat_init_perturbation), `step_size` (vat_learning_rate), `loss_fn` (vat_loss_fn), `perturbation_clamp`
+    (default 2 * init_perturbation, fixed in the original), `ascent_steps` (1 in the original), `eps` (1e-7 in the
+    original), `perturbed_module` (see `find_perturbed_module`).
     """
 
-    def __init__(self, adv_weight: float = 1.0, init_perturbation: float = 1e-2, perturbation_clamp: float | None = None,
-                 step_size: float = 1e-4, ascent_steps: int = 1, perturbed_module: str | nn.Module | None = None,
-                 same_dropout: bool = True):
+    def __init__(self, adv_weight: float = 1.0, init_perturbation: float = 1e-2, step_size: float = 1e-4,
+                 loss_fn: str = "symmetric-kl", perturbation_clamp: float | None = None, ascent_steps: int = 1,
+                 eps: float = 1e-7, perturbed_module: str | nn.Module | None = None):
         if ascent_steps < 0:
             raise ValueError(f"ascent_steps must be >= 0, got {ascent_steps}")
+        if loss_fn not in ASCENT_LOSSES:
+            raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)}, got {loss_fn!r}")
         self.adv_weight = adv_weight
-        self.settings = dict(perturbed_module=perturbed_module, init_perturbation=init_perturbation,
-                             perturbation_clamp=perturbation_clamp, step_size=step_size, ascent_steps=ascent_steps)
-        self.same_dropout = same_dropout
-        self._handles: list = []
+        self.perturbation_settings = dict(eps=eps, init_perturbation=init_perturbation, clamp=perturbation_clamp)
+        self.loss_settings = dict(loss_fn=loss_fn, step_size=step_size, ascent_steps=ascent_steps)
+        self.perturbed_module = perturbed_module
+        self.perturbation: SiFTPerturbation | None = None
+        self._handle = None
         self._inside = False  # within the perturbed passes
-        self._rng_state = None  # the random state before the current clean forward
-        self._generators: dict = {}
-        self._seed = 0
-        self._warned = False
-        self._window = [0.0, 0]  # adversarial loss summed since the last log, and the number of steps in it
+        self._warned: set[str] = set()
+        self._window = [0.0, 0]  # adversarial loss summed since the last log (a device tensor), number of passes
         self._total = [0.0, 0]  # the same over the whole training run
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
-    def install(self, model: nn.Module, seed: int = 0) -> None:
+    def install(self, model: nn.Module) -> None:
         """Hook `model` (the unwrapped module). Idempotent: an earlier installation is removed first."""
         self.remove()
-        find_perturbed_module(model, self.settings["perturbed_module"])  # fail now, not at the first step
-        self._seed = seed
-        self._handles = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
+        self.perturbation = SiFTPerturbation.install(model, self.perturbed_module, **self.perturbation_settings)
+        self._handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.perturbation is not None:
+            self.perturbation.remove()
+            self.perturbation = None
 
     @property
     def installed(self) -> bool:
-        return bool(self._handles)
+        return self._handle is not None
 
-    def _active(self, module) -> bool:
-        return not self._inside and module.training and torch.is_grad_enabled()
-
-    def _before_forward(self, module, args):
-        if self._active(module):
-            self._rng_state = capture_rng_state(next(module.parameters()).device) if self.same_dropout else None
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:  # its own stream: drawing delta leaves the global random state alone
-            self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
-        return self._generators[key]
-
-    def reseed(self, seed: int, step: int) -> None:
-        """Restart the perturbation stream at (seed, optimizer step): a run resumed from a checkpoint then draws the
-        same perturbations as an uninterrupted one, without the stream's state being saved."""
-        self._seed = seed * 2**32 + step
-        for generator in self._generators.values():
-            generator.manual_seed(self._seed)
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            logger.warning(message)
+            self._warned.add(key)
 
     def _after_forward(self, module, args, kwargs, outputs):
-        if not self._active(module):
+        if self._inside or not module.training or not torch.is_grad_enabled():
             return None
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
-            if not self._warned:
-                logger.warning("SiFT: the model returned no loss in training mode (no labels, a tuple output, or a "
-                               "loss computed outside the model); the adversarial term is skipped")
-                self._warned = True
+            self._warn_once("loss", "SiFT: the model returned no loss in training mode (no labels, a tuple output, or "
+                                    "a loss computed outside the model); the adversarial term is skipped")
             return None
+        if any(p.shape[-1] == 1 for p in _predictions(outputs)):
+            self._warn_once("one-logit", "SiFT: a one-logit (regression) head; the original's symmetric KL of a "
+                                         "one-logit softmax is identically zero, so the adversarial term is zero")
         inputs = dict(kwargs)
         if args:  # name positional arguments as the forward signature does
             inputs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
         self._inside = True
         try:
-            adversarial = sift_loss(module, inputs, outputs, rng_state=self._rng_state,
-                                    generator=self._generator(next(module.parameters()).device), **self.settings)
+            adversarial = sift_loss(module, inputs, outputs, self.perturbation, **self.loss_settings)
         finally:
             self._inside = False
-            self._rng_state = None
         outputs["loss"] = loss + self.adv_weight * adversarial.to(loss.dtype)
         for accumulator in (self._window, self._total):
             accumulator[0] = accumulator[0] + adversarial.detach().float()
@@ -430,11 +387,28 @@ class SiFTCallback(TrainerCallback):
         if args.label_smoothing_factor > 0:
             raise ValueError("SiFTCallback adds to the loss the model computes; with label_smoothing_factor > 0 the "
                              "Trainer computes the loss outside the model and SiFT would do nothing")
-        self.install(model, seed=args.seed + args.process_index)
+        self._move_ahead_of_integrations()
+        self.install(model)
         self._window, self._total = [0.0, 0], [0.0, 0]
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.reseed(args.seed + args.process_index, state.global_step)
+    def _move_ahead_of_integrations(self) -> None:
+        """Place this callback right after DefaultFlowCallback in the CallbackHandler that is calling it.
+
+        The Trainer calls callbacks in list order: DefaultFlowCallback, the report_to integrations, then the callbacks
+        given to it, so the integrations would see `logs` before `sift_loss` is added. A callback gets no reference
+        to its handler; the handler is the caller of this event (CallbackHandler.call_event). Moving an entry from
+        after the current position to before it leaves the remaining iteration unchanged."""
+        frame = sys._getframe(1)
+        while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
+            frame = frame.f_back
+        if frame is None:
+            self._warn_once("order", "SiFT: not called by a transformers CallbackHandler; `sift_loss` reaches the logs "
+                                     "only after the report_to integrations have run")
+            return
+        callbacks = frame.f_locals["self"].callbacks
+        callbacks.remove(self)
+        position = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.remove()

@@ -120,22 +120,22 @@ class DataArguments:
 class SiFTArguments:
     sift: bool = field(default=False, metadata={"help": "Scale-invariant fine-tuning (modeling_deberta_custom.sift)."})
     sift_lambda: float = field(default=5.0, metadata={
-        "help": "Weight of the adversarial loss (the original SiFT recipes use vat_lambda 5)."})
+        "help": "Weight of the adversarial loss (the original's vat_lambda: 5 in its SiFT recipes, 3 for v3-xsmall)."})
     sift_init_perturbation: float = field(default=1e-2, metadata={"help": "Std of the initial perturbation."})
     sift_perturbation_clamp: float | None = field(default=None, metadata={
         "help": "Clamp of the initial perturbation (default: twice its std)."})
     sift_step_size: float = field(default=1e-4, metadata={"help": "Size of the normalized ascent step."})
-    sift_ascent_steps: int = field(default=1, metadata={"help": "Number of ascent steps."})
+    sift_ascent_steps: int = field(default=1, metadata={"help": "Number of ascent steps (1 in the original)."})
+    sift_loss_fn: str = field(default="symmetric-kl", metadata={
+        "help": "Loss of the ascent step, the original's --vat_loss_fn: symmetric-kl, kl or mse."})
     sift_module: str | None = field(default=None, metadata={
         "help": "The LayerNorm whose input is perturbed (default: the model's embeddings.LayerNorm)."})
-    sift_same_dropout: bool = field(default=True, metadata={
-        "help": "Perturbed passes reuse the clean pass's dropout masks (False: fresh masks)."})
 
     def callback(self) -> SiFTCallback:
         return SiFTCallback(adv_weight=self.sift_lambda, init_perturbation=self.sift_init_perturbation,
                             perturbation_clamp=self.sift_perturbation_clamp, step_size=self.sift_step_size,
-                            ascent_steps=self.sift_ascent_steps, perturbed_module=self.sift_module,
-                            same_dropout=self.sift_same_dropout)
+                            ascent_steps=self.sift_ascent_steps, loss_fn=self.sift_loss_fn,
+                            perturbed_module=self.sift_module)
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SiFTArguments, TrainingArguments)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, random_batch, tiny_config
+from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
 from transformers import Trainer, TrainingArguments
-from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
 
 from modeling_deberta_custom import (
     DebertaCustomForMultipleChoice,
@@ -24,23 +23,21 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
 )
 from modeling_deberta_custom.sift import (
-    NormalizedPerturbation,
     SiFTCallback,
+    SiFTPerturbation,
     ascent_step,
-    capture_rng_state,
     find_perturbed_module,
     initial_perturbation,
-    output_divergence,
     sift_loss,
-    squared_error,
     symmetric_kl,
 )
 
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cls_dropout=0.0)
 
 
 def classifier(**overrides):
-    return DebertaCustomForSequenceClassification(tiny_config(num_labels=3, **DROPOUT, **overrides)).train()
+    return DebertaCustomForSequenceClassification(tiny_config(num_labels=3, **{**DROPOUT, **overrides})).train()
 
 
 def batch_for(vocab_size=99, batch=4, length=10, num_labels=3, seed=0):
@@ -50,46 +47,210 @@ def batch_for(vocab_size=99, batch=4, length=10, num_labels=3, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The maths
+# A reference implementation of the published algorithm (DESIGN.md §2 "SiFT", DeBERTa/sift/sift.py as used by
+# DeBERTa/apps/run.py), written plainly and independently of modeling_deberta_custom.sift.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_symmetric_kl_is_both_kl_directions_in_fp32():
-    p, q = torch.randn(5, 4), torch.randn(5, 4)
-    log_p, log_q = F.log_softmax(p, -1), F.log_softmax(q, -1)
-    expected = (F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-                + F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1))
-    torch.testing.assert_close(symmetric_kl(p, q), expected)
+class ReferencePerturbationLayer:
+    """Pre-hook on embeddings.LayerNorm. Clean mode: x -> (x - mean) / sqrt(var + 1e-7), kept. Adversarial mode:
+    the kept normalized input, detached, plus delta."""
+
+    def __init__(self, raw=False):
+        self.adversarial, self.kept, self.delta, self.raw = False, None, None, raw
+
+    def __call__(self, module, args):
+        x = args[0]
+        if not self.adversarial:
+            mean = x.mean(-1, keepdim=True)
+            variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+            self.kept = x if self.raw else (x - mean) / torch.sqrt(variance + 1e-7)
+            return (self.kept,)
+        return ((self.kept.detach().to(self.delta.dtype) + self.delta).to(x.dtype),)
+
+
+def reference_symmetric_kl(perturbed, clean):
+    """sum(p_clean.detach() * -log p_pert) + sum(p_pert.detach() * -log p_clean) per row."""
+    perturbed = perturbed.reshape(-1, perturbed.shape[-1]).double()
+    clean = clean.reshape(-1, clean.shape[-1]).double()
+    p_pert, p_clean = torch.softmax(perturbed, -1), torch.softmax(clean, -1)
+    log_p_pert, log_p_clean = torch.log(p_pert), torch.log(p_clean)
+    return -(p_clean.detach() * log_p_pert).sum(-1) - (p_pert.detach() * log_p_clean).sum(-1)
+
+
+def reference_kl(perturbed, clean):
+    perturbed = perturbed.reshape(-1, perturbed.shape[-1]).double()
+    return -(torch.softmax(clean.reshape(perturbed.shape).double(), -1).detach() * torch.log_softmax(perturbed, -1)).sum(-1)
+
+
+def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_size=1e-4, loss_fn=reference_symmetric_kl):
+    """The term for one batch; `layer` was in clean mode during the clean pass that gave `clean_logits`."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    parameters = list(model.parameters())
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    layer.adversarial = True
+    layer.delta = delta0.clone().requires_grad_(True)
+    perturbed = model(**inputs).logits
+    loss_fn(perturbed, clean_logits.detach()).sum().backward()
+    g = layer.delta.grad
+    if torch.isfinite(g.norm()):
+        largest = g.abs().max(dim=-1, keepdim=True).values
+        layer.delta = (layer.delta.detach() + step_size * g / (1e-6 + largest)).requires_grad_(True)
+    for p, flag in zip(parameters, flags, strict=True):
+        p.requires_grad_(flag)
+    perturbed = model(**inputs).logits
+    term = reference_symmetric_kl(perturbed, clean_logits).mean()
+    layer.adversarial, layer.delta = False, None
+    return term
+
+
+def ours(model, batch, delta0, **settings):
+    perturbation = SiFTPerturbation.install(model)
+    try:
+        outputs = model(**batch)
+        return sift_loss(model, batch, outputs, perturbation, delta=delta0, **settings)
+    finally:
+        perturbation.remove()
+
+
+def reference(model, batch, delta0, raw=False, **settings):
+    layer = ReferencePerturbationLayer(raw=raw)
+    handle = model.deberta.embeddings.LayerNorm.register_forward_pre_hook(layer)
+    try:
+        outputs = model(**batch)
+        return reference_adversarial_term(model, batch, layer, outputs.logits, delta0, **settings)
+    finally:
+        handle.remove()
+
+
+def value_and_gradients(term, model):
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(term, parameters, allow_unused=True)
+    return term.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads, strict=True)]
+
+
+def parity_model(dropout=False, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = classifier(**({} if dropout else NO_DROPOUT))
+    perturb_parameters(model, scale=0.05)
+    return model.to(dtype)
+
+
+def initial_delta(batch, hidden_size=32, dtype=torch.float64, seed=5):
+    shape = (*batch["input_ids"].shape, hidden_size)
+    return initial_perturbation(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_relative(ours_grads, reference_grads, rtol):
+    """Each parameter's gradient to `rtol` of its norm (gradients that are zero but for rounding, like the
+    classifier bias's, to 1e-9 of the whole gradient's norm)."""
+    total = torch.cat([g.flatten() for g in reference_grads]).norm()
+    for mine, theirs in zip(ours_grads, reference_grads, strict=True):
+        assert (mine - theirs).norm() <= rtol * theirs.norm() + 1e-9 * total, ((mine - theirs).norm(), theirs.norm())
+
+
+@pytest.mark.parametrize(("step_size", "loss_fn"), [(1e-4, "symmetric-kl"), (0.2, "symmetric-kl"), (0.2, "kl")],
+                         ids=["default", "large-step", "kl-ascent"])
+def test_term_and_every_gradient_equal_the_reference_with_dropout_off(step_size, loss_fn):
+    """Same model, batch and initial delta, dropout off: value and gradient wrt every parameter to 1e-5 relative.
+    The large step makes the ascent's share of the term large, so a skipped or reversed ascent shows clearly."""
+    model, batch = parity_model(), batch_for()
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    reference_loss = {"symmetric-kl": reference_symmetric_kl, "kl": reference_kl}[loss_fn]
+    value, grads = value_and_gradients(ours(model, batch, delta0, step_size=step_size, loss_fn=loss_fn), model)
+    expected, expected_grads = value_and_gradients(
+        reference(model, batch, delta0, step_size=step_size, loss_fn=reference_loss), model)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    assert_relative(grads, expected_grads, rtol=1e-5)
+    # The term reaches the embedding table only through the clean side (the perturbed input is detached).
+    word = model.deberta.embeddings.word_embeddings.weight
+    assert grads[[p for p in model.parameters() if p.requires_grad].index(word)].norm() > 0
+
+
+def test_the_ascent_changes_the_term():
+    """A check that the parity tests can see the ascent: without it, or reversed, the term is not the reference's."""
+    model, batch = parity_model(), batch_for()
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    expected = reference(model, batch, delta0, step_size=0.2).item()
+    skipped = ours(model, batch, delta0, step_size=0.2, ascent_steps=0).item()
+    reversed_ = ours(model, batch, delta0, step_size=-0.2).item()
+    raw = reference(model, batch, delta0, raw=True, step_size=0.2).item()  # raw embeddings: delta is huge for them
+    for value in (skipped, reversed_, raw):
+        assert abs(value - expected) > 1e-4 * expected
+
+
+def test_term_equals_the_reference_with_dropout_on_when_seeded_alike():
+    """Fresh dropout masks in each pass: with the same seed both draw the same masks in the same order."""
+    model, batch = parity_model(dropout=True), batch_for()
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    torch.manual_seed(11)
+    value, grads = value_and_gradients(ours(model, batch, delta0), model)
+    torch.manual_seed(11)
+    expected, expected_grads = value_and_gradients(reference(model, batch, delta0), model)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    assert_relative(grads, expected_grads, rtol=1e-5)
+
+
+def test_gradient_with_dropout_on_matches_the_reference_statistically():
+    """Independent draws (different seeds for us and the reference): the gradients have the same size and mean.
+    At dropout 0.1 a draw's gradient is mostly dropout noise between the passes (the mean is about as large as
+    the noise of a mean over 8 draws), as in the original."""
+    model, batch = parity_model(dropout=True, dtype=torch.float32), batch_for(batch=8)
+    delta0 = initial_delta(batch, model.config.hidden_size, dtype=torch.float32)
+
+    def draws(function, seeds):
+        vectors = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            vectors.append(torch.cat([g.flatten() for g in value_and_gradients(function(model, batch, delta0), model)[1]]))
+        return torch.stack(vectors)
+
+    mine, theirs = draws(ours, range(8)), draws(reference, range(100, 108))
+    # Each draw's gradient has the reference's size (a term with replayed dropout masks has ~1e-3 of it).
+    assert 0.75 < mine.norm(dim=1).mean() / theirs.norm(dim=1).mean() < 1.33
+    # Two-sample test of the means: |m_ours - m_ref|^2 against its expectation under equal distributions,
+    # (trace of both covariances) / n; about 1 when they agree (measured 0.7 and 1.05 on two pairs of seed sets).
+    n = len(mine)
+    spread = (((mine - mine.mean(0)) ** 2).sum() + ((theirs - theirs.mean(0)) ** 2).sum()) / (n - 1)
+    assert ((mine.mean(0) - theirs.mean(0)) ** 2).sum() / (spread / n) < 2.5
+
+
+def test_saved_model_without_the_hook_predicts_as_with_it():
+    """SiFT's clean pass normalizes the LayerNorm input (eps 1e-7) first; without the hook the LayerNorm's own eps
+    applies again. LayerNorm is invariant to shift and scale, so the two agree up to eps / var(x)."""
+    torch.manual_seed(0)
+    model = classifier().eval()
+    batch = batch_for()
+    plain = model(**batch).logits
+    perturbation = SiFTPerturbation.install(model)
+    hooked = model(**batch).logits
+    perturbation.remove()
+    torch.testing.assert_close(hooked, plain, rtol=1e-3, atol=1e-5)
+    assert not torch.equal(hooked, plain)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pieces
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_symmetric_kl_is_the_sum_of_two_cross_entropies_in_fp32():
+    p, q = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    value = symmetric_kl(p, q)
+    expected = reference_symmetric_kl(p, q).float()
+    torch.testing.assert_close(value, expected)
+    # Not ~0 when both agree: the two entropies.
+    entropy = -(F.softmax(p, -1) * F.log_softmax(p, -1)).sum(-1)
+    torch.testing.assert_close(symmetric_kl(p, p), 2 * entropy)
     assert symmetric_kl(p.bfloat16(), q.bfloat16()).dtype == torch.float32
-    assert torch.equal(symmetric_kl(p, p), torch.zeros(5))
-
-
-def test_regression_uses_squared_error():
-    clean = SequenceClassifierOutput(logits=torch.tensor([[0.5], [1.0], [-2.0]]))
-    perturbed = SequenceClassifierOutput(logits=torch.tensor([[0.7], [1.0], [-1.0]]))
-    # The KL of a one-logit softmax is identically zero; squared error is what is used.
-    assert torch.equal(symmetric_kl(perturbed.logits, clean.logits), torch.zeros(3))
-    expected = ((0.2**2) + 0 + 1.0) / 3
-    assert output_divergence(perturbed, clean).item() == pytest.approx(expected, rel=1e-6)
-    assert squared_error(perturbed.logits, clean.logits).shape == (3,)
-
-
-def test_question_answering_averages_start_and_end():
-    start, end = torch.randn(2, 6), torch.randn(2, 6)
-    clean = QuestionAnsweringModelOutput(start_logits=start, end_logits=end)
-    perturbed = QuestionAnsweringModelOutput(start_logits=start + 1.0 * torch.randn(2, 6), end_logits=end)
-    expected = symmetric_kl(perturbed.start_logits, start).mean() / 2
-    torch.testing.assert_close(output_divergence(perturbed, clean), expected)
-
-
-def test_token_divergence_ignores_padding():
-    clean = torch.randn(2, 3, 4)
-    perturbed = clean.clone()
-    perturbed[1, 2] += 5.0  # a change at a padded position only
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    value = output_divergence({"logits": perturbed}, {"logits": clean}, token_mask=mask)
-    assert value.item() == 0.0
-    assert output_divergence({"logits": perturbed}, {"logits": clean}).item() > 0
+    # Its gradient: (softmax(p) - softmax(q)) to p, the opposite to q (probabilities detached).
+    grad_p, grad_q = torch.autograd.grad(value.sum(), (p, q))
+    torch.testing.assert_close(grad_p, F.softmax(p, -1) - F.softmax(q, -1))
+    torch.testing.assert_close(grad_q, F.softmax(q, -1) - F.softmax(p, -1))
+    # A one-logit head gets an identically zero term, as in the original.
+    assert torch.equal(symmetric_kl(torch.randn(3, 1), torch.randn(3, 1)), torch.zeros(3))
 
 
 def test_initial_perturbation_is_clamped_normal():
@@ -103,27 +264,13 @@ def test_initial_perturbation_is_clamped_normal():
 
 def test_ascent_step_formula():
     delta = torch.zeros(2, 3)
-    grad = torch.tensor([[1.0, -4.0, 2.0], [float("nan"), 0.5, -0.25]])
+    grad = torch.tensor([[1.0, -4.0, 2.0], [0.0, 0.5, -0.25]])
     stepped = ascent_step(delta, grad, step_size=1e-4)
     expected = torch.tensor([[1 / 4, -1.0, 1 / 2], [0.0, 1.0, -0.5]]) * 1e-4 / (1 + 1e-6 / torch.tensor([[4.0], [0.5]]))
-    torch.testing.assert_close(stepped, expected)  # normalized per row by max|g|; a NaN counts as 0
+    torch.testing.assert_close(stepped, expected)  # normalized per row by max|g|
     assert not stepped.requires_grad
-
-
-def test_perturbation_equals_perturbing_the_normalized_input():
-    layer_norm = torch.nn.LayerNorm(16, eps=1e-7)
-    with torch.no_grad():
-        layer_norm.weight.normal_()
-        layer_norm.bias.normal_()
-    x = torch.randn(3, 5, 16) * 4 + 2
-    delta = torch.randn(3, 5, 16) * 1e-2
-    hook = NormalizedPerturbation(eps=layer_norm.eps)
-    hook.delta = delta
-    handle = layer_norm.register_forward_pre_hook(hook)
-    perturbed = layer_norm(x)
-    handle.remove()
-    normalized = F.layer_norm(x, (16,), eps=1e-7)  # normalized without affine
-    torch.testing.assert_close(perturbed, layer_norm(normalized + delta), atol=1e-5, rtol=1e-5)
+    grad[1, 0] = float("nan")
+    assert torch.equal(ascent_step(delta + 1, grad), delta + 1)  # a non-finite gradient: the step is skipped
 
 
 def test_find_perturbed_module():
@@ -142,62 +289,22 @@ def test_find_perturbed_module():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_zero_perturbation_gives_zero_loss_with_dropout_on():
+def test_ascent_reaches_no_parameter_but_the_term_does():
     model, batch = classifier(), batch_for()
-    rng = capture_rng_state("cpu")
-    outputs = model(**batch)
-    loss = sift_loss(model, batch, outputs, rng_state=rng, init_perturbation=0.0, step_size=0.0)
-    assert loss.item() == 0.0  # the perturbed pass replays the clean pass's dropout masks exactly
-    # With fresh dropout masks the divergence also measures dropout noise.
-    outputs = model(**batch)
-    assert sift_loss(model, batch, outputs, init_perturbation=0.0, step_size=0.0).item() > 0
-
-
-def test_rng_replay_leaves_the_random_stream_as_after_the_clean_pass():
-    model, batch = classifier(), batch_for()
-    torch.manual_seed(3)
-    model(**batch)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    rng = capture_rng_state("cpu")
-    outputs = model(**batch)
-    sift_loss(model, batch, outputs, rng_state=rng, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(torch.rand(4), expected)
-
-
-def test_ascent_step_reaches_no_parameter_but_the_loss_does():
-    model, batch = classifier(), batch_for()
-    rng = capture_rng_state("cpu")
-    outputs = model(**batch)
     requires_grad = [p.requires_grad for p in model.parameters()]
-    loss = sift_loss(model, batch, outputs, rng_state=rng, init_perturbation=0.1, step_size=1e-2)
-    assert all(p.grad is None for p in model.parameters()), "the ascent step left gradients on parameters"
+    perturbation = SiFTPerturbation.install(model)
+    outputs = model(**batch)
+    loss = sift_loss(model, batch, outputs, perturbation)
+    perturbation.remove()
+    assert all(p.grad is None for p in model.parameters()), "the ascent left gradients on parameters"
     assert [p.requires_grad for p in model.parameters()] == requires_grad
+    assert perturbation.delta is None and not perturbation.adversarial
     assert loss.requires_grad and loss.item() > 0
     loss.backward()
     reached = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     for name in ("classifier.weight", "pooler.dense.weight", "deberta.embeddings.word_embeddings.weight",
                  "deberta.embeddings.LayerNorm.weight", "deberta.encoder.layer.0.attention.self.query_proj.weight"):
         assert name in reached
-
-
-def test_ascent_step_increases_the_divergence():
-    model, batch = classifier(), batch_for()
-    model.eval()  # deterministic passes, so that the divergence is a function of delta alone
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    clean = model(**inputs)
-    hook = NormalizedPerturbation(eps=model.deberta.embeddings.LayerNorm.eps, std=1e-2,
-                                  generator=torch.Generator().manual_seed(0), requires_grad=True)
-    handle = model.deberta.embeddings.LayerNorm.register_forward_pre_hook(hook)
-    try:
-        before = output_divergence(model(**inputs), clean, reduction="sum")
-        before.backward()
-        hook.delta = ascent_step(hook.delta, hook.delta.grad, step_size=5e-3)
-        with torch.no_grad():
-            after = output_divergence(model(**inputs), clean, reduction="sum")
-    finally:
-        handle.remove()
-    assert after.item() > before.item()
 
 
 @pytest.mark.parametrize("head", ["token", "qa", "choice", "regression"])
@@ -218,13 +325,15 @@ def test_every_head(head):
         model = DebertaCustomForSequenceClassification(tiny_config(num_labels=1, **DROPOUT))
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=torch.rand(4))
     model.train()
-    rng = capture_rng_state("cpu")
+    perturbation = SiFTPerturbation.install(model)
     outputs = model(**batch)
-    assert sift_loss(model, batch, outputs, rng_state=rng, init_perturbation=0.0, step_size=0.0).item() == 0.0
-    rng = capture_rng_state("cpu")
-    outputs = model(**batch)
-    loss = sift_loss(model, batch, outputs, rng_state=rng, init_perturbation=0.5, step_size=0.1)
-    assert torch.isfinite(loss) and loss.item() > 0
+    loss = sift_loss(model, batch, outputs, perturbation)
+    perturbation.remove()
+    assert torch.isfinite(loss)
+    if head == "regression":  # the original's symmetric KL of a one-logit softmax
+        assert loss.item() == 0.0
+    else:
+        assert loss.item() > 0
     (outputs.loss + loss).backward()
 
 
@@ -237,10 +346,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         model = classifier()
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        perturbation = SiFTPerturbation.install(model)
         torch.manual_seed(1)
-        rng = capture_rng_state("cpu")
         outputs = model(**batch)
-        (outputs.loss + sift_loss(model, batch, outputs, rng_state=rng, init_perturbation=0.5)).backward()
+        (outputs.loss + sift_loss(model, batch, outputs, perturbation)).backward()
+        perturbation.remove()
         grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
     for plain, checkpointed in zip(*grads, strict=True):
         if plain is None:
@@ -325,8 +435,10 @@ def test_installed_hooks_act_only_in_training_with_gradients():
             return model(**batch).loss.detach()
 
     try:
-        assert torch.equal(loss(False, True, hooked=True), loss(False, True, hooked=False))  # evaluation
-        assert torch.equal(loss(True, False, hooked=True), loss(True, False, hooked=False))  # no gradients
+        # Evaluation and no-gradient passes get no SiFT term; installed, the hook normalizes the LayerNorm's input
+        # first (as the original), which changes the loss only by rounding.
+        torch.testing.assert_close(loss(False, True, hooked=True), loss(False, True, hooked=False))
+        torch.testing.assert_close(loss(True, False, hooked=True), loss(True, False, hooked=False))
         assert loss(True, True, hooked=True) > loss(True, True, hooked=False)  # training: the SiFT term is added
     finally:
         callback.remove()
