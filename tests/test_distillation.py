@@ -5,6 +5,7 @@ across widths and heads, and scripts/run_glue.py --teacher.
 The toy task is SiFT's (test_sift.FirstTokenTask: the label is the token after [CLS]); the good teacher there is an
 oracle that reads the rule."""
 
+import json
 import math
 import os
 import subprocess
@@ -164,7 +165,7 @@ def accuracy(model, task):
     return (predicted == task.labels).float().mean().item()
 
 
-def train_toy(seed, teacher=None, steps=30, noise=0.4):
+def train_toy(seed, teacher=None, steps=15, noise=0.4):
     """A custom loop with the callback's hooks (what the Trainer does, without its start-up cost)."""
     model = classifier(seed, **STUDENT, **DROPOUT).train()
     task = noisy_task(48, seed, noise)
@@ -185,11 +186,11 @@ def train_toy(seed, teacher=None, steps=30, noise=0.4):
 
 def test_a_good_teacher_beats_noisy_labels_over_seeds():
     """40% of the training labels are flipped; the teacher knows the rule. Over 4 seeds the distilled student is
-    more accurate in every seed and on average by a wide margin."""
+    more accurate in every seed and on average by a wide margin (seen: 0.50 alone, 0.97 distilled)."""
     alone = [train_toy(seed) for seed in range(4)]
     distilled = [train_toy(seed, OracleTeacher()) for seed in range(4)]
     assert all(d > a for d, a in zip(distilled, alone, strict=True)), (alone, distilled)
-    assert sum(distilled) / 4 > sum(alone) / 4 + 0.1, (alone, distilled)
+    assert sum(distilled) / 4 > sum(alone) / 4 + 0.2, (alone, distilled)
 
 
 def test_hooks_act_only_in_training_with_gradients():
@@ -370,10 +371,9 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two interpreter start-ups: ~15 s on an idle 2-core machine
 def test_callback_under_ddp_with_two_cpu_processes(tmp_path):
     """torchrun, 2 processes over gloo, with accumulation, checkpointing and the relation terms."""
-    import json
-
     script = tmp_path / "ddp_distill.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
