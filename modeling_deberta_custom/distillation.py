@@ -362,7 +362,7 @@ class DistillationCallback(TrainerCallback):
         self._depth += 1
         self._read_autocast(module, args)
         if self._recorders is not None:
-            self._recorders[0].recording = self._depth == 1
+            self._recorders[0].recording = self._depth == 1 and module.training and torch.is_grad_enabled()
 
     def _read_autocast(self, module, args):
         if self._depth == 1:
@@ -398,6 +398,8 @@ class DistillationCallback(TrainerCallback):
             teacher_outputs = self.teacher(**teacher_inputs)
         config = getattr(student, "config", None)
         attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() > 2:  # multiple choice: [B, C, N] -> [B * C, N]
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         terms = {"kd": distillation_loss(outputs, teacher_outputs, temperature=self.temperature,
                                          problem_type=config.problem_type if config is not None else None,
                                          token_mask=attention_mask)}

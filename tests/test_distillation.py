@@ -22,7 +22,12 @@ from test_sift import FirstTokenTask
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from modeling_deberta_custom import DebertaCustomForSequenceClassification
+from modeling_deberta_custom import (
+    DebertaCustomForMultipleChoice,
+    DebertaCustomForQuestionAnswering,
+    DebertaCustomForSequenceClassification,
+    DebertaCustomForTokenClassification,
+)
 from modeling_deberta_custom.distillation import (
     DistillationCallback,
     ProjectionRecorder,
@@ -218,6 +223,34 @@ def test_hooks_act_only_in_training_with_gradients():
     kd = soft_target_kl(student_logits, teacher_logits, 3.0).mean()
     torch.testing.assert_close(train_loss, 0.3 * plain["train"] + 0.7 * kd)
     assert not student._forward_hooks and not student._forward_pre_hooks and not callback.installed
+
+
+@pytest.mark.parametrize("head", [DebertaCustomForTokenClassification, DebertaCustomForQuestionAnswering,
+                                  DebertaCustomForMultipleChoice], ids=["token", "qa", "choice"])
+def test_every_head_distills_with_relations(head):
+    torch.manual_seed(0)
+    student, teacher = head(tiny_config(num_labels=2, **STUDENT)).train(), head(tiny_config(num_labels=2, **TEACHER))
+    input_ids, attention_mask = random_batch(99, batch=4, length=9)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if head is DebertaCustomForTokenClassification:
+        batch["labels"] = input_ids % 2
+    elif head is DebertaCustomForQuestionAnswering:
+        batch.update(start_positions=torch.tensor([1, 2, 3, 0]), end_positions=torch.tensor([2, 3, 4, 1]))
+    else:  # [B, N] -> [B / 2, 2 choices, N]
+        batch = {k: v.view(2, 2, -1) for k, v in batch.items()} | dict(labels=torch.tensor([0, 1]))
+    plain = student(**batch).loss
+    callback = DistillationCallback(teacher, relation_weight=1.0)
+    callback.install(student)
+    loss = student(**batch).loss
+    callback.remove()
+    terms = callback._means(callback._window)
+    assert set(terms) == {"kd", "task", "relation_query", "relation_key", "relation_value"}
+    assert all(value > 0 for value in terms.values())
+    assert terms["task"] == pytest.approx(plain.item(), rel=1e-5)
+    expected = 0.5 * terms["task"] + 0.5 * terms["kd"] + sum(v for k, v in terms.items() if k.startswith("relation"))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def trainer_run(tmp_path, callback=None, student=None, **arguments):
