@@ -314,6 +314,7 @@ class DistillationCallback(TrainerCallback):
         self._autocast: tuple[bool, torch.dtype] | None = None
         self._window: dict[str, list] = {}  # term -> [sum on the device, count] since the last log
         self._total: dict[str, list] = {}  # the same over the training run
+        self._reinstall = False
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
@@ -463,6 +464,15 @@ class DistillationCallback(TrainerCallback):
                              "> 0 the Trainer computes the loss outside the model and distillation would do nothing")
         self.install(model)
         self._window, self._total = {}, {}
+        self._reinstall = True
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # Once more at the first step, after every callback's on_train_begin: our forward hook then runs after the
+        # hooks other callbacks installed (SiFT's), so their extra passes of the student are nested inside the
+        # distilled forward and are not distilled themselves.
+        if self._reinstall and model is not None:
+            self.install(model)
+            self._reinstall = False
 
     def on_train_end(self, args, state, control, **kwargs):
         self.remove()

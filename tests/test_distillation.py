@@ -38,6 +38,7 @@ from modeling_deberta_custom.distillation import (
     relation_loss,
     soft_target_kl,
 )
+from modeling_deberta_custom.sift import SiFTCallback
 
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 STUDENT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)
@@ -347,6 +348,22 @@ def test_teacher_runs_under_the_students_bf16_autocast(tmp_path):
     _, trainer = trainer_run(tmp_path, DistillationCallback(teacher), bf16=True, max_steps=2)
     assert seen == [torch.bfloat16] * 2
     assert all(math.isfinite(entry["distill_kd_loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_sift_passes_are_not_distilled_whatever_the_callback_order(tmp_path):
+    teacher = classifier(1, **TEACHER)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    sift = SiFTCallback(adv_weight=1.0, init_perturbation=0.5, step_size=0.1)
+    student = classifier(**STUDENT, **DROPOUT)
+    trainer = Trainer(model=student, train_dataset=FirstTokenTask(), callbacks=[DistillationCallback(teacher), sift],
+                      args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3,
+                                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                             logging_steps=3))
+    trainer.train()
+    assert len(calls) == 3  # one teacher pass per step; SiFT's two perturbed passes per step are left alone
+    logged = trainer.state.log_history[0]
+    assert logged["sift_loss"] > 0 and logged["distill_kd_loss"] > 0
 
 
 def test_saved_student_is_a_plain_checkpoint(tmp_path):
