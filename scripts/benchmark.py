@@ -80,6 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     parser.add_argument("--vocab-size", type=int, default=8192, help="same for every model (memory)")
     parser.add_argument("--layers", type=int, default=12, help="encoder depth (12 for the v3-base geometry)")
+    parser.add_argument("--config", default=None, help="measure `ours` with the geometry of this checkpoint folder or "
+                        "config.json instead (e.g. a distilled student, then its teacher); --models ours only")
     parser.add_argument("--dropout", type=float, default=None, help="override every dropout (default: 0.1, all)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     parser.add_argument("--out", default="outputs/benchmark", help="folder for benchmark.json and benchmark.png")
@@ -98,6 +100,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if args.config is not None and args.models != ["ours"]:
+        parser.error("--config measures one of our checkpoints' geometry: pass --models ours")
     return args
 
 
@@ -165,7 +169,9 @@ def build_model(name, args, max_length):
     deberta_fields = dict(geometry, vocab_size=args.vocab_size, max_position_embeddings=512, position_buckets=256,
                           relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
                           norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0, **dropout)
-    if name == "ours":
+    if name == "ours" and args.config is not None:
+        model = DebertaCustomModel(DebertaCustomConfig.from_pretrained(args.config, vocab_size=args.vocab_size, **dropout))
+    elif name == "ours":
         model = DebertaCustomModel(DebertaCustomConfig(**deberta_fields))
     elif name == "ours-eager":
         model = DebertaCustomModel._from_config(DebertaCustomConfig(**deberta_fields), attn_implementation="eager")

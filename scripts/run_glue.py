@@ -56,6 +56,7 @@ from transformers import (
 )
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
+from modeling_deberta_custom.distillation import DistillationCallback
 from modeling_deberta_custom.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
 from modeling_deberta_custom.sift import SiFTCallback
 
@@ -138,7 +139,58 @@ class SiFTArguments:
                             perturbed_module=self.sift_module)
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, SiFTArguments, TrainingArguments)
+@dataclass
+class DistillationArguments:
+    teacher: str | None = field(default=None, metadata={
+        "help": "Distill from this fine-tuned model (a checkpoint folder or Hub id with the same labels and tokenizer "
+                "as the student; modeling_deberta_custom.distillation)."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature T of the soft targets."})
+    distill_alpha_task: float = field(default=0.5, metadata={"help": "Weight of the task loss (hard labels)."})
+    distill_alpha_kd: float = field(default=0.5, metadata={
+        "help": "Weight of T^2 * KL(teacher || student) (squared error for regression)."})
+    distill_relation_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the MiniLMv2 self-attention relation KL (0: off)."})
+    distill_relations: str = field(default="query,key,value", metadata={
+        "help": "Comma-separated projections whose relations are transferred."})
+    distill_relation_heads: int | None = field(default=None, metadata={
+        "help": "Relation heads (default: the student's attention heads)."})
+    distill_teacher_layer: int = field(default=-1, metadata={"help": "Teacher layer of the relations."})
+    distill_student_layer: int = field(default=-1, metadata={"help": "Student layer of the relations."})
+
+    def settings(self) -> dict | None:
+        return asdict(self) if self.teacher else None
+
+    def callback(self, student, tokenizer, cache_dir: str | None = None) -> DistillationCallback:
+        """Loads the teacher; a clear error, before training, when its labels or tokenizer differ from the
+        student's."""
+        config_dict, _ = PretrainedConfig.get_config_dict(self.teacher, cache_dir=cache_dir)
+        teacher_class = (DebertaCustomForSequenceClassification if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES
+                         else AutoModelForSequenceClassification)
+        teacher = teacher_class.from_pretrained(self.teacher, cache_dir=cache_dir)
+        try:
+            teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher, cache_dir=cache_dir)
+        except (OSError, ValueError):
+            teacher_tokenizer = None
+            logger.warning("No tokenizer in the teacher folder %s: only its vocabulary size is checked", self.teacher)
+        if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"The teacher {self.teacher} uses a different tokenizer than the student (different "
+                             "vocabularies): distillation needs both to read the same token ids")
+        try:
+            callback = DistillationCallback(
+                teacher, temperature=self.distill_temperature, alpha_task=self.distill_alpha_task,
+                alpha_kd=self.distill_alpha_kd, relation_weight=self.distill_relation_weight,
+                relations=[r.strip() for r in self.distill_relations.split(",") if r.strip()],
+                relation_heads=self.distill_relation_heads, teacher_layer=self.distill_teacher_layer,
+                student_layer=self.distill_student_layer)
+            callback.install(student)  # every check now, not at the first training step
+        except ValueError as error:
+            raise SystemExit(f"--teacher {self.teacher}: {error}") from error
+        callback.remove()
+        logger.info("Distilling from %s (%.2fM parameters)", self.teacher, teacher.num_parameters() / 1e6)
+        return callback
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, SiFTArguments, DistillationArguments, TrainingArguments)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,13 +241,13 @@ def parse_arguments(argv: list[str] | None = None):
     if unknown:
         raise ValueError(f"Unknown argument names in the defaults files: {unknown}")
     parser.set_defaults(**defaults)
-    model_args, data_args, sift_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, sift_args, distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.task_name is None:
         parser.error("--task_name (or --task) is required, e.g. --task sst2; --demo runs the bundled SST-2 sample")
     data_args.task_name = get_task(data_args.task_name).name
     if (model_args.model_name_or_path is None) == (model_args.model_preset is None):
         parser.error("Pass exactly one of --model_name_or_path (a checkpoint) and --model_preset (from scratch)")
-    return model_args, data_args, sift_args, training_args
+    return model_args, data_args, sift_args, distill_args, training_args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,7 +461,7 @@ def push_to_hub(folder: str, training_args: TrainingArguments) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, sift_args, training_args = parse_arguments(argv)
+    model_args, data_args, sift_args, distill_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)],
                         level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -453,6 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=metric_function(task),
         callbacks=[sift_args.callback()] if sift_args.sift else None,
     )
+    if distill_args.teacher is not None:
+        trainer.add_callback(distill_args.callback(model, tokenizer, model_args.cache_dir))
 
     results = {
         "task": task.name,
@@ -473,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train": None,
         "eval": {},
     }
+    results["distillation"] = distill_args.settings()
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

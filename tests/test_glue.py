@@ -177,20 +177,20 @@ def test_metric_module_matches_sklearn_and_scipy():
 
 
 def test_defaults_come_in_layers():
-    _, data, _, training = run_glue.parse_arguments(["--task", "rte", "--model_name_or_path", "x"])
+    _, data, _, _, training = run_glue.parse_arguments(["--task", "rte", "--model_name_or_path", "x"])
     assert (training.learning_rate, training.warmup_steps, data.max_seq_length) == (2e-5, 100, 320)  # rte.json
     assert training.adam_epsilon == 1e-6 and training.do_train and training.do_eval
     assert training.output_dir == "outputs/glue/rte"
-    model, data, _, training = run_glue.parse_arguments(["--task_name", "rte", "--model_preset", "tiny"])
+    model, data, _, _, training = run_glue.parse_arguments(["--task_name", "rte", "--model_preset", "tiny"])
     assert training.learning_rate == 1e-3 and data.max_seq_length == 320  # from_scratch.json over rte.json
     assert model.cls_dropout == 0.1
-    _, _, _, training = run_glue.parse_arguments(["--task", "rte", "--model_preset", "tiny", "--learning_rate", "5e-4"])
+    _, _, _, _, training = run_glue.parse_arguments(["--task", "rte", "--model_preset", "tiny", "--learning_rate", "5e-4"])
     assert training.learning_rate == 5e-4  # the command line wins
-    model, data, sift, training = run_glue.parse_arguments(["--demo"])
+    model, data, sift, _, training = run_glue.parse_arguments(["--demo"])
     assert (data.task_name, model.model_preset, model.torch_num_threads) == ("sst2", "tiny", 1)
     assert data.data_dir == str(REPO_ROOT / "data" / "glue") and model.tokenizer == str(REPO_ROOT / "data" / "tokenizer")
     assert not sift.sift and run_glue.parse_arguments(["--demo", "--sift"])[2].sift
-    model, _, _, _ = run_glue.parse_arguments(["--demo", "--model_name_or_path", "ckpt"])
+    model, _, _, _, _ = run_glue.parse_arguments(["--demo", "--model_name_or_path", "ckpt"])
     assert model.model_preset is None and model.tokenizer is None  # a given model brings its own tokenizer
     with pytest.raises(SystemExit):
         run_glue.parse_arguments(["--task", "rte"])  # no model
