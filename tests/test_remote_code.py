@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
+from conftest import SETUP_457, TRANSFORMERS_457, perturb_parameters, random_batch, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
@@ -31,9 +31,6 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
-
-TRANSFORMERS_457 = Path(os.environ.get("DEBERTA_TRANSFORMERS_457", REPO_ROOT / ".venv" / "transformers-4.57"))
-SETUP_457 = '.venv/bin/pip install --target .venv/transformers-4.57 "transformers==4.57.6"'
 
 # name -> (class saved, Auto class that loads it, config overrides, multiple-choice inputs)
 HEADS = {
