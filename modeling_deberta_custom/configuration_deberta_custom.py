@@ -57,6 +57,17 @@ def config_dict_from_official(config_dict: dict) -> dict:
     return translated
 
 
+def _position_attention_terms(pos_att_type) -> list:
+    """pos_att_type as a list of terms: None -> [], "p2c|c2p" -> ["p2c", "c2p"]. transformers' DebertaV2Config keeps
+    "None" as the item "none" (written to config.json as ["none"]), which its attention matches with no term; here it is
+    dropped, so ["none"] and [] mean the same."""
+    if pos_att_type is None:
+        return []
+    if isinstance(pos_att_type, str):
+        pos_att_type = [item.strip() for item in pos_att_type.lower().split("|") if item.strip()]
+    return [item for item in pos_att_type if not (isinstance(item, str) and item.lower() == "none")]
+
+
 class DebertaCustomConfig(PretrainedConfig):
     r"""
     Configuration for DeBERTa models. The defaults describe DeBERTa-v3-base.
@@ -72,7 +83,9 @@ class DebertaCustomConfig(PretrainedConfig):
         relative_attention (`bool`, True): use disentangled attention with relative position embeddings.
         pos_att_type (`list[str]`, ["p2c", "c2p"]): which position terms to add: "c2p" (content-to-position) and/or
             "p2c" (position-to-content). A string "p2c|c2p" is accepted as in the original configs. Each term counts
-            in the score scale 1 / sqrt(head_size * (1 + len(pos_att_type))).
+            in the score scale 1 / sqrt(head_size * (1 + len(pos_att_type))). "none" (any case, alone or as an item,
+            as transformers' own test config writes it) adds no term: it is read as []. (transformers' v1 port,
+            DebertaModel, still counts a "none" item in its scale; its v2 port and this class count c2p/p2c only.)
         position_buckets (`int`, 256): number of log buckets per direction for relative distances; -1 disables
             bucketing (plain clipping at max_relative_positions).
         max_relative_positions (`int`, -1): span of relative distances; -1 means max_position_embeddings. Also the
@@ -171,9 +184,7 @@ class DebertaCustomConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.attention_variant = attention_variant
         self.relative_attention = relative_attention
-        if isinstance(pos_att_type, str):
-            pos_att_type = [item.strip() for item in pos_att_type.lower().split("|") if item.strip()]
-        self.pos_att_type = list(pos_att_type) if pos_att_type is not None else []
+        self.pos_att_type = _position_attention_terms(pos_att_type)
         self.position_buckets = position_buckets
         self.max_relative_positions = max_relative_positions
         self.share_att_key = share_att_key

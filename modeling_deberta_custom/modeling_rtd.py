@@ -39,6 +39,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig
+
+# transformers 4.57 loads remote code from a local folder with only the `from .x import y` siblings a file names itself,
+# so this file names every sibling that modeling_deberta_custom.py imports (tests/test_remote_code.py checks it).
+from .convert import load_official_checkpoint  # noqa: F401
 from .modeling_deberta_custom import (
     AUTO_MAP,
     DebertaCustomForMaskedLM,

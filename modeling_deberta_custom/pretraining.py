@@ -4,6 +4,8 @@ Training-only code: the modeling files never import it, and it is not copied nex
 
   * `spm_tokenizer` / `write_spm_tokenizer_folder` / `load_pretraining_tokenizer`: a SentencePiece `spm.model`
     (the official DeBERTa-v3 one) as a transformers fast tokenizer that reproduces SentencePiece's ids exactly.
+  * `save_tokenizer` / `make_tokenizer_portable` / `PortableTokenizerCallback`: tokenizer folders (ours, and those
+    the Trainer writes) that AutoTokenizer loads under transformers 4.x as well as 5.x.
   * `group_texts` / `tokenize_and_group`: plain text -> blocks of exactly max_seq_length tokens, [CLS] ... [SEP].
   * `DebertaMaskingCollator`: masked-LM masking (80/10/10 by default), optionally of whole words, for the masked-LM
     objective and for the generator of replaced-token detection; `MaskingSeedCallback` keeps its masks reproducible
@@ -89,19 +91,42 @@ def spm_tokenizer(spm_path, model_max_length: int = 512):
     )
 
 
+def make_tokenizer_portable(folder) -> None:
+    """Rewrite the tokenizer_config.json in `folder` so that transformers 4.x loads it too: transformers 5 writes its
+    class name `TokenizersBackend`, which 4.x lacks; both load the old name `PreTrainedTokenizerFast`. Other classes
+    (DebertaV2Tokenizer, ...) and folders without a tokenizer are left as they are."""
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        tokenizer_config = json.load(handle)
+    if tokenizer_config.get("tokenizer_class") != "TokenizersBackend":
+        return
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_file, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(tokenizer_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def save_tokenizer(tokenizer, folder) -> str:
+    """`tokenizer.save_pretrained(folder)`, loadable by AutoTokenizer under transformers 4.x and 5.x."""
+    tokenizer.save_pretrained(folder)
+    make_tokenizer_portable(folder)
+    return str(folder)
+
+
+class PortableTokenizerCallback(TrainerCallback):
+    """Makes the tokenizer in each Trainer checkpoint portable (`make_tokenizer_portable`); the Trainer saves it there
+    through `processing_class.save_pretrained`. For `trainer.save_model()` call `make_tokenizer_portable` after it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            make_tokenizer_portable(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
 def write_spm_tokenizer_folder(spm_path, folder, model_max_length: int = 512) -> str:
     """Save `spm_tokenizer(spm_path)` to `folder` (tokenizer.json, tokenizer_config.json, plus a copy of spm.model) so
     that `AutoTokenizer.from_pretrained(folder)` loads it, in transformers 4.x and 5.x alike."""
-    tokenizer = spm_tokenizer(spm_path, model_max_length=model_max_length)
-    tokenizer.save_pretrained(folder)
-    # transformers 5 names the class TokenizersBackend, which 4.x lacks; PreTrainedTokenizerFast loads in both.
-    config_file = os.path.join(folder, "tokenizer_config.json")
-    with open(config_file, encoding="utf-8") as handle:
-        tokenizer_config = json.load(handle)
-    tokenizer_config.pop("backend", None)
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_file, "w", encoding="utf-8") as handle:
-        json.dump(tokenizer_config, handle, indent=2, sort_keys=True)
+    save_tokenizer(spm_tokenizer(spm_path, model_max_length=model_max_length), folder)
     if os.path.abspath(os.path.join(folder, "spm.model")) != os.path.abspath(spm_path):
         shutil.copyfile(spm_path, os.path.join(folder, "spm.model"))
     return str(folder)
@@ -539,9 +564,12 @@ __all__ = [
     "DebertaMaskingCollator",
     "LossTermsCallback",
     "MaskingSeedCallback",
+    "PortableTokenizerCallback",
     "PretrainingMetrics",
     "group_texts",
     "load_pretraining_tokenizer",
+    "make_tokenizer_portable",
+    "save_tokenizer",
     "spm_tokenizer",
     "tokenize_and_group",
     "word_start_table",

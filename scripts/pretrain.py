@@ -45,8 +45,11 @@ from modeling_deberta_custom.pretraining import (
     DebertaMaskingCollator,
     LossTermsCallback,
     MaskingSeedCallback,
+    PortableTokenizerCallback,
     PretrainingMetrics,
     load_pretraining_tokenizer,
+    make_tokenizer_portable,
+    save_tokenizer,
     tokenize_and_group,
 )
 
@@ -239,6 +242,7 @@ def main(argv=None):
     trainer.callback_handler.callbacks.insert(0, LossTermsCallback())
     # Masks keyed by the position in training, so that a resumed run masks as the uninterrupted one (see the class).
     trainer.add_callback(MaskingSeedCallback(collator))
+    trainer.add_callback(PortableTokenizerCallback())  # checkpoints' tokenizers load under transformers 4.x too
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
@@ -247,6 +251,8 @@ def main(argv=None):
     train_result = trainer.train(resume_from_checkpoint=resume)
     wall_time = time.time() - started
     trainer.save_model()
+    if trainer.args.should_save:
+        make_tokenizer_portable(training_args.output_dir)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
@@ -259,7 +265,7 @@ def main(argv=None):
 
     if args.export_discriminator and trainer.is_world_process_zero():
         trainer.model.export_discriminator(args.export_discriminator)
-        tokenizer.save_pretrained(args.export_discriminator)
+        save_tokenizer(tokenizer, args.export_discriminator)
         logger.info(f"Discriminator for fine-tuning written to {args.export_discriminator}")
 
     if trainer.is_world_process_zero():

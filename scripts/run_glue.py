@@ -58,6 +58,7 @@ from transformers import (
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
 from modeling_deberta_custom.distillation import DistillationCallback
 from modeling_deberta_custom.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
+from modeling_deberta_custom.pretraining import PortableTokenizerCallback, make_tokenizer_portable
 from modeling_deberta_custom.sift import SiFTCallback
 
 logger = logging.getLogger("run_glue")
@@ -507,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if distill_args.teacher is not None:
         trainer.add_callback(distill_args.callback(model, tokenizer, model_args.cache_dir))
+    trainer.add_callback(PortableTokenizerCallback())  # checkpoints' tokenizers load under transformers 4.x too
 
     results = {
         "task": task.name,
@@ -532,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
+        if trainer.args.should_save:  # the folder that is pushed: its tokenizer loads under transformers 4.x too
+            make_tokenizer_portable(training_args.output_dir)
         metrics = dict(train_result.metrics, train_samples=len(tokenized["train"]))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

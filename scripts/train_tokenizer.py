@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from modeling_deberta_custom.pretraining import save_tokenizer
+
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 
 
@@ -98,18 +100,6 @@ def train_tokenizer(lines, vocab_size: int = 8000, max_piece_length: int = 16, m
     )
 
 
-def save_tokenizer(tokenizer, output_dir: str | Path) -> Path:
-    """`save_pretrained`, naming the class `PreTrainedTokenizerFast` in tokenizer_config.json: transformers 5 writes
-    its new name `TokenizersBackend`, which transformers 4 cannot load; both load the old name."""
-    output_dir = Path(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    config_file = output_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return output_dir
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", nargs="+", required=True, help="text files (one text per line) or .tsv files")
@@ -130,7 +120,7 @@ def main(argv=None) -> Path:
             sys.exit(f"No such file: {file}")
     tokenizer = train_tokenizer(iter_lines(args.files, args.tsv_column), args.vocab_size, args.max_piece_length,
                                 args.model_max_length, args.lowercase)
-    output_dir = save_tokenizer(tokenizer, args.output_dir)
+    output_dir = Path(save_tokenizer(tokenizer, args.output_dir))
     summary = {"vocab_size": len(tokenizer), "special_tokens": {t: tokenizer.convert_tokens_to_ids(t)
                                                                 for t in SPECIAL_TOKENS},
                "files": [str(f) for f in args.files]}

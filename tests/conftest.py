@@ -1,5 +1,6 @@
 """Shared helpers for the test suite: tiny configs, official-layout folders written by transformers, and paths."""
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,35 @@ SHARED_DATA = Path(os.environ.get("DEBERTA_SHARED_DATA", REPO_ROOT.parent / "sha
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"../shared/data not found at {SHARED_DATA} (set DEBERTA_SHARED_DATA)"
 )
+
+# transformers 4.57 beside the main environment (the README set-up command installs it): the oldest version we support.
+TRANSFORMERS_457 = Path(os.environ.get("DEBERTA_TRANSFORMERS_457", REPO_ROOT / ".venv" / "transformers-4.57"))
+SETUP_457 = '.venv/bin/pip install --target .venv/transformers-4.57 "transformers==4.57.6"'
+
+_TOKENIZE_457 = """
+import json, sys
+import transformers
+from transformers import AutoTokenizer
+assert transformers.__version__.startswith("4.57."), transformers.__version__
+text, folders = sys.argv[1], sys.argv[2:]
+print(json.dumps({folder: AutoTokenizer.from_pretrained(folder)(text)["input_ids"] for folder in folders}))
+"""
+
+
+def tokenize_under_transformers_457(folders, text: str) -> dict:
+    """{folder: input ids of `text`} from `AutoTokenizer.from_pretrained(folder)` under transformers 4.57, in a
+    subprocess (skips the test when 4.57 is not installed)."""
+    import subprocess
+    import sys
+
+    if not (TRANSFORMERS_457 / "transformers").is_dir():
+        pytest.skip(f"transformers 4.57 not found at {TRANSFORMERS_457}; set it up with: {SETUP_457}")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
+    env.update(PYTHONPATH=str(TRANSFORMERS_457.resolve()), HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
+    result = subprocess.run([sys.executable, "-c", _TOKENIZE_457, text, *map(str, folders)], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT.parent)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 # A DeBERTa-v3-shaped model small enough for a unit test: buckets 8 so that 40 tokens already exceed the
 # bucket range and 100 tokens exceed max_position_embeddings.

@@ -267,6 +267,17 @@ def test_pos_att_type_string_parses():
     assert DebertaCustomConfig(pos_att_type=None).pos_att_type == []
 
 
+@pytest.mark.parametrize("value, expected", [("None", []), ("none", []), (["none"], []), (["None"], []),
+                                             ("c2p|none", ["c2p"])])
+def test_pos_att_type_none_means_no_position_term(value, expected):
+    """transformers' DebertaV2Config accepts "None" and stores ["none"] (no position term); so do we, as []."""
+    config = DebertaCustomConfig(pos_att_type=value)
+    assert config.pos_att_type == expected
+    assert DebertaCustomConfig.from_dict(config.to_dict()).pos_att_type == expected
+    official = transformers.DebertaV2Config(pos_att_type=value).to_dict()
+    assert DebertaCustomConfig.from_dict(official).pos_att_type == expected
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Official configs (model_type deberta-v2 / deberta)
 # ----------------------------------------------------------------------------------------------------------------------

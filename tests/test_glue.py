@@ -9,9 +9,10 @@ import sys
 import evaluate
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA, TINY_OFFICIAL_V2, requires_shared_data
+from conftest import REPO_ROOT, SHARED_DATA, TINY_OFFICIAL_V2, requires_shared_data, tokenize_under_transformers_457
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
+from transformers import AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
 from modeling_deberta_custom.glue import TASKS, get_task, load_glue, read_split, read_tsv
@@ -250,6 +251,12 @@ def test_run_glue_end_to_end_in_a_subprocess(mini_glue, tmp_path):
         assert (output / name).is_file(), name
     config = json.loads((output / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 4000 and config["id2label"]["1"] == "equivalent"
+    # The tokenizers saved beside the model (the pushed folder, any checkpoint) load under transformers 4.57 too, with
+    # the ids that transformers 5 gives (transformers 5 names its TokenizersBackend class, which 4.57 lacks).
+    folders = [output, *sorted(output.glob("checkpoint-*"))]
+    text = 'The "cat" sat, number 7.'
+    expected = AutoTokenizer.from_pretrained(output)(text)["input_ids"]
+    assert tokenize_under_transformers_457(folders, text) == {str(folder): expected for folder in folders}
 
 
 class FakeHfApi:

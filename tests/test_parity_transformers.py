@@ -40,6 +40,10 @@ VARIANTS = {
     "token_types": dict(type_vocab_size=2),
     "absolute_and_relative": dict(position_biased_input=True, type_vocab_size=2),
     "absolute_only": dict(relative_attention=False, position_biased_input=True),
+    # pos_att_type="None": no position term (DebertaV2Config keeps it as ["none"] in its config.json), with and
+    # without the relative table; the second is transformers' own DebertaV2 test config.
+    "no_position_terms": dict(pos_att_type="None"),
+    "transformers_test_config": dict(relative_attention=False, position_biased_input=True, pos_att_type="None"),
     "embedding_size": dict(embedding_size=24),
     "v1": V1,
     "v1_relative_only": dict(V1, position_biased_input=False, pos_att_type="c2p", max_relative_positions=-1),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tokenize_under_transformers_457
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -95,6 +95,12 @@ def test_rtd_pretraining_checkpoints_resumes_and_exports(workspace):
         assert torch.equal(classifier.deberta(input_ids).last_hidden_state, expected)
         assert classifier(input_ids).logits.shape == (2, 2)
     assert (discriminator_dir / "tokenizer.json").exists()
+    # Every tokenizer the script saved (output folder, checkpoints, exported discriminator) loads under transformers
+    # 4.57 too, with the ids transformers 5 gives (transformers 5 names its TokenizersBackend class, which 4.57 lacks).
+    folders = [output, output / "checkpoint-2", output / "checkpoint-4", discriminator_dir]
+    text = "the king walked through the garden"
+    expected = PreTrainedTokenizerFast.from_pretrained(output)(text)["input_ids"]
+    assert tokenize_under_transformers_457(folders, text) == {str(folder): expected for folder in folders}
 
 
 def test_mlm_pretraining_with_whole_word_masking(workspace):

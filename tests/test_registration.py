@@ -8,6 +8,7 @@ Auto class; tests/test_remote_code.py loads such folders where the package canno
 import ast
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
 
+import modeling_deberta_custom.modeling_deberta_custom
 from modeling_deberta_custom import (
     DebertaCustomConfig,
     DebertaCustomForMaskedLM,
@@ -45,7 +48,10 @@ EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_deberta_custom.DebertaCustomConfig",
     **{auto.__name__: f"modeling_deberta_custom.{ours.__name__}" for auto, ours in AUTO_CLASSES.items()},
 }
-CODE_FILES = {"configuration_deberta_custom.py", "modeling_deberta_custom.py", "convert.py"}
+# modeling_deberta_custom.py and the siblings it imports (derived, so a new sibling file needs no edit here)
+CODE_FILES = {"modeling_deberta_custom.py"} | {
+    Path(file).name for file in get_relative_import_files(modeling_deberta_custom.modeling_deberta_custom.__file__)}
+assert {"configuration_deberta_custom.py", "convert.py"} <= CODE_FILES, CODE_FILES
 CODE_MODULES = {name[:-3] for name in CODE_FILES}
 
 auto_pairs = pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Folders written by `save_pretrained` load with `trust_remote_code=True` where this package cannot be imported.
 
 Folders saved here (one per head, covering the v1 and v2 attention variants, EMD, the convolution layer and token
-types) are loaded in a fresh Python process that blocks `import modeling_deberta_custom` and runs outside the
+types, and the RTD pretraining model of modeling_rtd.py) are loaded in a fresh Python process that blocks `import modeling_deberta_custom` and runs outside the
 repository, under the installed transformers and under transformers 4.57.x. Each model must come from the folder's
 code (a `transformers_modules` module) and give outputs identical to the model that was saved. One subprocess per
 transformers version checks every head.
@@ -20,19 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
+from conftest import SETUP_457, TRANSFORMERS_457, perturb_parameters, random_batch, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
+    DebertaCustomForRTDPreTraining,
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
-
-TRANSFORMERS_457 = Path(os.environ.get("DEBERTA_TRANSFORMERS_457", REPO_ROOT / ".venv" / "transformers-4.57"))
-SETUP_457 = '.venv/bin/pip install --target .venv/transformers-4.57 "transformers==4.57.6"'
 
 # name -> (class saved, Auto class that loads it, config overrides, multiple-choice inputs)
 HEADS = {
@@ -46,6 +44,9 @@ HEADS = {
                                   position_biased_input=True, type_vocab_size=2, num_labels=5), False),
     "question_answering": (DebertaCustomForQuestionAnswering, "AutoModelForQuestionAnswering", {}, False),
     "multiple_choice": (DebertaCustomForMultipleChoice, "AutoModelForMultipleChoice", {}, True),
+    # modeling_rtd.py reaches convert.py only through modeling_deberta_custom.py: transformers 4.57 copies just a
+    # file's direct `from .x import y` siblings out of a local folder (issue 12, point 4).
+    "rtd_pretraining": (DebertaCustomForRTDPreTraining, "AutoModelForPreTraining", {}, False),
 }
 # Extra loads of the masked-LM folder through other Auto classes: one Hub folder serves every head. The new heads
 # are freshly initialised, so these compare the backbone (`base_model`) only.
@@ -101,8 +102,9 @@ CHILD = textwrap.dedent('''
             result["config_module"] = type(model.config).__module__
             data = torch.load(case["data"])
             module = model.base_model if case["compare_backbone"] else model
+            torch.manual_seed(case["seed"])  # the RTD generator samples its replacements
             with torch.no_grad():
-                got = flatten(module(**data["inputs"], output_hidden_states=True, return_dict=True))
+                got = flatten(module(**data["inputs"], **case["call"], return_dict=True))
             expected = data["expected"]
             result["keys"] = sorted(got)
             result["mismatch"] = {
@@ -148,10 +150,20 @@ def saved_folders(tmp_path_factory):
                 input_ids).contiguous()
         if multiple_choice:  # [B=2, K=2, N]
             inputs = {key: value.view(2, 2, -1) for key, value in inputs.items()}
+        call = dict(output_hidden_states=True)
+        if model_class is DebertaCustomForRTDPreTraining:  # labels at a third of the tokens: the generator runs too
+            picked = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+            inputs["labels"] = input_ids.masked_fill(~picked | (attention_mask == 0), -100)
+            call = {}
+        # Exact, except after the generator's pass: the discriminator's logits then come out 1.5e-8 apart between
+        # two processes (same inputs, same sampled tokens; exact within one process).
+        atol = 1e-6 if model_class is DebertaCustomForRTDPreTraining else 0.0
+        torch.manual_seed(seed)
         with torch.no_grad():
-            expected = _flatten(model(**inputs, output_hidden_states=True, return_dict=True))
+            expected = _flatten(model(**inputs, **call, return_dict=True))
         torch.save(dict(inputs=inputs, expected=expected), root / f"{name}.pt")
         cases.append(dict(name=name, folder=str(folder), auto_class=auto_class, expected_class=model_class.__name__,
+                          code_file=model_class.__module__.split(".")[-1], call=call, seed=seed, atol=atol,
                           data=str(root / f"{name}.pt"), compare_backbone=False))
 
         if name == "masked_lm":
@@ -160,6 +172,7 @@ def saved_folders(tmp_path_factory):
             torch.save(dict(inputs=inputs, expected=backbone_expected), root / "masked_lm_backbone.pt")
             for extra, (extra_auto, extra_class) in FROM_MASKED_LM.items():
                 cases.append(dict(name=extra, folder=str(folder), auto_class=extra_auto, expected_class=extra_class,
+                                  code_file="modeling_deberta_custom", call=call, seed=seed, atol=0.0,
                                   data=str(root / "masked_lm_backbone.pt"), compare_backbone=True))
     return root, cases
 
@@ -210,12 +223,31 @@ def test_trust_remote_code_load_matches(remote_report, name):
     assert "error" not in result, f"transformers {report['transformers_version']}:\n{result['error']}"
     assert result["class"] == cases[name]["expected_class"]
     # The class really came from the folder's code files, not from an installed package.
-    assert result["module"].startswith("transformers_modules.") and result["module"].endswith(".modeling_deberta_custom")
+    assert result["module"].startswith("transformers_modules.")
+    assert result["module"].endswith("." + cases[name]["code_file"])
     assert result["config_module"].startswith("transformers_modules.")
     assert result["config_module"].endswith(".configuration_deberta_custom")
     expected = torch.load(cases[name]["data"])["expected"]
     assert set(expected) <= set(result["keys"]), f"outputs missing: {set(expected) - set(result['keys'])}"
-    assert not result["mismatch"], (
+    mismatch = {key: diff for key, diff in result["mismatch"].items()
+                if isinstance(diff, str) or diff > cases[name]["atol"]}
+    assert not mismatch, (
         f"transformers {report['transformers_version']}: outputs differ from the saved model (max abs diff): "
-        f"{result['mismatch']}"
+        f"{mismatch}"
     )
+
+
+def test_every_code_file_imports_each_sibling_it_reaches(tmp_path):
+    """transformers 4.57 copies out of a local folder the file an auto_map entry names plus the siblings that file
+    imports itself, not theirs. So each such file must import, directly, every sibling its imports reach (a new
+    sibling of modeling_deberta_custom.py must also be imported by modeling_rtd.py). Needs no 4.57 to fail."""
+    from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
+
+    DebertaCustomForRTDPreTraining(tiny_config()).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    for module in sorted({target.split(".")[0] for target in auto_map.values()}):
+        path = tmp_path / f"{module}.py"
+        direct = set(get_relative_imports(path))
+        reached = {Path(file).stem for file in get_relative_import_files(path)}
+        assert reached <= direct, (f"{module}.py reaches {sorted(reached - direct)} only through other files: give it "
+                                   "`from .<file> import <name>` lines for them (transformers 4.57 copies only these)")
