@@ -18,6 +18,7 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
+from modeling_deberta_custom.modeling_deberta_custom import sparse_prediction_positions
 
 VOCAB = TINY_OFFICIAL_V2["vocab_size"]
 LAYERS = TINY_OFFICIAL_V2["num_hidden_layers"]
@@ -232,7 +233,8 @@ def test_masked_lm_with_emd_returns_hidden_states_only_when_asked(batch):
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("model_class,overrides,label_kind", [
     (DebertaCustomForSequenceClassification, dict(num_labels=3), "sequence"),
-    (DebertaCustomForMaskedLM, {}, "mlm"),  # the Enhanced Mask Decoder re-applies the checkpointed last layer
+    # the Enhanced Mask Decoder re-applies the checkpointed last layer; every token labelled: logits everywhere
+    (DebertaCustomForMaskedLM, dict(sparse_mlm_max_fraction=1.0), "mlm"),
 ])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch, model_class, overrides, label_kind,
                                                                   reentrant):
@@ -340,9 +342,13 @@ def test_sparse_masked_lm_logits_in_training(batch):
         dense = model(input_ids, mask, labels=labels)
     model.train()
     sparse = model(input_ids, mask, labels=labels)
-    assert sparse.logits.shape == (5, VOCAB)  # [num_labelled, V]
+    assert sparse.logits.shape == (9, VOCAB)  # [K, V], K = ceil(sparse_mlm_max_fraction 0.25 * 36 positions)
     torch.testing.assert_close(sparse.loss, dense.loss)
-    torch.testing.assert_close(sparse.logits, dense.logits[labels != -100])  # row-major order of the labelled positions
+    # The labelled positions first, in row-major order, then the first unlabelled ones.
+    labelled = labels != -100
+    torch.testing.assert_close(sparse.logits[:5], dense.logits[labelled])
+    torch.testing.assert_close(sparse.logits[5:], dense.logits[~labelled][:4])
+    assert torch.equal(sparse_prediction_positions(labels, 0.25), torch.tensor([0, 5, 11, 26, 33, 1, 2, 3, 4]))
     sparse.loss.backward()
     assert model.deberta.embeddings.word_embeddings.weight.grad is not None
 
