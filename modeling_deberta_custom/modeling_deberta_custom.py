@@ -776,12 +776,14 @@ class DebertaCustomEmbeddings(nn.Module):
 
 def train_only_read_position_tables(model: nn.Module) -> None:
     """Relative-only models (position_biased_input false) read the absolute position table only in the Enhanced Mask
-    Decoder. Elsewhere it is frozen, so that DistributedDataParallel does not see an unused parameter (the Trainer
-    turns find_unused_parameters off under gradient checkpointing) and optimizers skip it; the weight is kept."""
+    Decoder. Elsewhere it is frozen, so that DistributedDataParallel needs no find_unused_parameters search (and the
+    Trainer turns it off under gradient checkpointing) and optimizers skip it; the weight is kept.
+    An RTD discriminator's table is a view of its generator's: what it owns (the GDES delta, none under plain
+    sharing) is switched, the generator's table follows the generator's own decoder."""
     for module in model.modules():
-        # (An RTD discriminator's tables are views of its generator's: only real parameters are switched.)
-        if isinstance(module, DebertaCustomEmbeddings) and isinstance(module.position_embeddings.weight, nn.Parameter):
-            module.position_embeddings.weight.requires_grad_(module.config.position_biased_input)
+        if isinstance(module, DebertaCustomEmbeddings):
+            for parameter in module.position_embeddings.parameters():
+                parameter.requires_grad_(module.config.position_biased_input)
     for module in model.modules():
         if isinstance(module, DebertaCustomForMaskedLM) and module.config.uses_enhanced_mask_decoder:
             module.deberta.embeddings.position_embeddings.weight.requires_grad_(True)
