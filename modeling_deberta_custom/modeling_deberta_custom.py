@@ -275,11 +275,11 @@ def position_products(query, key, tables, key_bias, by_distance):
     c2p = p2c = None
     if key_table is not None:
         query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
-        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, -1)
+        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, key_table.shape[-1])
     if query_table is not None:
         if by_distance:
             key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
-            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, -1)
+            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, query_table.shape[-1])
             p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
         else:
             p2c = torch.matmul(query_table[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
