@@ -411,3 +411,24 @@ def test_every_trainable_parameter_gets_a_gradient_after_loading(tmp_path, head,
     table = model.base_model.embeddings.position_embeddings.weight
     reads_table = position_biased_input or head is DebertaCustomForMaskedLM
     assert table.requires_grad == reads_table
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_CASES))
+@pytest.mark.parametrize("position_biased_input", [False, True], ids=["emd", "no_emd"])
+def test_config_output_hidden_states_and_return_dict_are_honoured(batch, name, position_biased_input):
+    """config.output_hidden_states and config.return_dict, as transformers' heads read them, when the call does not
+    say; an explicit argument wins. (transformers refuses config.output_attentions with sdpa attention.)"""
+    model_class, overrides, _ = HEAD_CASES[name]
+    model = make(model_class, position_biased_input=position_biased_input, **overrides)
+    input_ids, mask = batch
+    model.config.output_hidden_states = True
+    output = model(input_ids, mask)
+    assert len(output.hidden_states) == LAYERS + 1 and output.attentions is None
+    assert model(input_ids, mask, output_hidden_states=False).hidden_states is None
+    model.config.return_dict = False
+    as_tuple = model(input_ids, mask)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2  # logits, hidden states
+    torch.testing.assert_close(as_tuple[0], output.logits)
+    model.config.output_hidden_states = False
+    assert len(model(input_ids, mask)) == 1
+    assert isinstance(model(input_ids, mask, return_dict=True), transformers.utils.ModelOutput)
