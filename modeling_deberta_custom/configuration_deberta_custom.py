@@ -111,7 +111,12 @@ class DebertaCustomConfig(PretrainedConfig):
             not at the input (position_biased_input false); otherwise it reads the last layer as BERT does.
         emd_num_passes (`int`, 2): how many times EMD applies the last encoder layer (shared weights).
         sparse_mlm_logits (`bool`, True): in training with labels, compute vocabulary logits only at labelled
-            positions (the returned logits are then [num_labelled, vocab_size]).
+            positions: the returned logits are then [K, vocab_size] at `sparse_prediction_positions(labels,
+            sparse_mlm_max_fraction)` (every labelled position in row-major order first, then unlabelled ones).
+        sparse_mlm_max_fraction (`float`, 0.25): K = ceil(sparse_mlm_max_fraction * batch * length), a number fixed
+            by the shapes so that no shape depends on the data (no host sync, one compiled graph). A batch with more
+            labelled positions is an error; the default leaves a wide margin for 15% masking (the pretraining
+            script raises it for higher masking rates). RTD's generator uses it in training and evaluation alike.
 
     Replaced-token-detection pretraining (DeBERTaV3):
         rtd_generator_num_layers (`int`, None): generator depth; None means half the discriminator's.
@@ -159,6 +164,7 @@ class DebertaCustomConfig(PretrainedConfig):
         use_enhanced_mask_decoder=True,
         emd_num_passes=2,
         sparse_mlm_logits=True,
+        sparse_mlm_max_fraction=0.25,
         rtd_generator_num_layers=None,
         rtd_generator_hidden_size=None,
         rtd_generator_intermediate_size=None,
@@ -202,6 +208,7 @@ class DebertaCustomConfig(PretrainedConfig):
         self.use_enhanced_mask_decoder = use_enhanced_mask_decoder
         self.emd_num_passes = emd_num_passes
         self.sparse_mlm_logits = sparse_mlm_logits
+        self.sparse_mlm_max_fraction = sparse_mlm_max_fraction
         self.rtd_generator_num_layers = rtd_generator_num_layers
         self.rtd_generator_hidden_size = rtd_generator_hidden_size
         self.rtd_generator_intermediate_size = rtd_generator_intermediate_size
@@ -227,6 +234,7 @@ class DebertaCustomConfig(PretrainedConfig):
         """The config as transformers' DebertaV2Config (or DebertaConfig for v1) reads it, every field explicit."""
         official = self.to_dict()
         for field in ("attention_variant", "use_enhanced_mask_decoder", "emd_num_passes", "sparse_mlm_logits",
+                      "sparse_mlm_max_fraction",
                       "auto_map", "architectures", "transformers_version") + tuple(
                           k for k in official if k.startswith("rtd_")):
             official.pop(field, None)
@@ -319,6 +327,7 @@ class DebertaCustomConfig(PretrainedConfig):
             require(self.norm_rel_ebd == "none", "norm_rel_ebd", "DeBERTa v1 does not normalise relative embeddings")
         require(self.rtd_embedding_sharing in EMBEDDING_SHARING_MODES, "rtd_embedding_sharing",
                 f"expected one of {EMBEDDING_SHARING_MODES}")
+        require(0.0 < self.sparse_mlm_max_fraction <= 1.0, "sparse_mlm_max_fraction", "must be in (0, 1]")
         require(self.rtd_loss_weight >= 0, "rtd_loss_weight", "must be non-negative")
         require(0.0 < self.rtd_mask_probability < 1.0, "rtd_mask_probability", "must be in (0, 1)")
         require(self.rtd_sampling_temperature > 0, "rtd_sampling_temperature", "must be positive")

@@ -69,7 +69,8 @@ def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: in
     abs_delta = delta.abs()
     # Float32 throughout, as the reference implementations compute it: the ceil below sits on bucket edges.
     log_ratio = torch.log(abs_delta.clamp(min=mid).float() / mid)
-    log_span = torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32, device=delta.device))
+    # A Python number (the kernel rounds it to float32), not a tensor: no host-to-device copy in every forward.
+    log_span = math.log((max_position - 1) / mid)
     log_bucket = torch.ceil(log_ratio / log_span * (mid - 1)) + mid
     return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
 
@@ -274,11 +275,11 @@ def position_products(query, key, tables, key_bias, by_distance):
     c2p = p2c = None
     if key_table is not None:
         query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
-        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, -1)
+        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, key_table.shape[-1])
     if query_table is not None:
         if by_distance:
             key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
-            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, -1)
+            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, query_table.shape[-1])
             p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
         else:
             p2c = torch.matmul(query_table[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
@@ -775,27 +776,44 @@ class DebertaCustomEmbeddings(nn.Module):
 
 def train_only_read_position_tables(model: nn.Module) -> None:
     """Relative-only models (position_biased_input false) read the absolute position table only in the Enhanced Mask
-    Decoder. Elsewhere it is frozen, so that DistributedDataParallel does not see an unused parameter (the Trainer
-    turns find_unused_parameters off under gradient checkpointing) and optimizers skip it; the weight is kept."""
+    Decoder. Elsewhere it is frozen, so that DistributedDataParallel needs no find_unused_parameters search (and the
+    Trainer turns it off under gradient checkpointing) and optimizers skip it; the weight is kept.
+    An RTD discriminator's table is a view of its generator's: what it owns (the GDES delta, none under plain
+    sharing) is switched, the generator's table follows the generator's own decoder."""
     for module in model.modules():
-        # (An RTD discriminator's tables are views of its generator's: only real parameters are switched.)
-        if isinstance(module, DebertaCustomEmbeddings) and isinstance(module.position_embeddings.weight, nn.Parameter):
-            module.position_embeddings.weight.requires_grad_(module.config.position_biased_input)
+        if isinstance(module, DebertaCustomEmbeddings):
+            for parameter in module.position_embeddings.parameters():
+                parameter.requires_grad_(module.config.position_biased_input)
     for module in model.modules():
         if isinstance(module, DebertaCustomForMaskedLM) and module.config.uses_enhanced_mask_decoder:
             module.deberta.embeddings.position_embeddings.weight.requires_grad_(True)
 
 
+def _can_check_values(tensor: torch.Tensor) -> bool:
+    """Whether checking the values of `tensor` is free: it lives on the CPU and nothing is being compiled, exported
+    or traced. Reading an accelerator tensor on the host stalls its stream (a device sync), so value checks of
+    inputs (id ranges, labels, mask values) run only on CPU tensors; the collators, scripts and tokenizers check the
+    data while it is still on the host."""
+    return tensor.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def _check_integer_ids(name, ids, upper, what):
-    """Ids must be integers in [0, upper). Skipped while compiling, exporting (torch.export runs under
-    is_compiling) or tracing (the TorchScript ONNX exporter): the range check needs a host sync."""
+    """Ids must be integers in [0, upper). The dtype is always checked, the range where it is free (CPU tensors,
+    not while compiling, exporting or tracing: see _can_check_values)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or ids.numel() == 0:
+    if not _can_check_values(ids) or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= upper:
         raise ValueError(f"{name} holds values in [{low}, {high}], outside [0, {upper - 1}] ({what})")
+
+
+def _check_attention_mask_values(attention_mask):
+    """A float attention mask must hold only 0 and 1 (checked where free, see _can_check_values)."""
+    if attention_mask.is_floating_point() and _can_check_values(attention_mask):
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
 
 
 class DebertaCustomPreTrainedModel(PreTrainedModel):
@@ -911,11 +929,8 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
                              ("position_ids", position_ids)):
             if tensor is not None and tensor.shape != shape and not (name == "position_ids" and tensor.shape == shape[1:]):
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the input ids are {tuple(shape)}")
-        if attention_mask is not None and attention_mask.is_floating_point():
-            if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not (
-                (attention_mask == 0) | (attention_mask == 1)
-            ).all():
-                raise ValueError("attention_mask must hold only 0 and 1")
+        if attention_mask is not None:
+            _check_attention_mask_values(attention_mask)
         # Token types are ignored when the model has none (type_vocab_size 0), as tokenizers emit them for pairs.
         if token_type_ids is not None and config.type_vocab_size > 0:
             _check_integer_ids("token_type_ids", token_type_ids, config.type_vocab_size,
@@ -985,6 +1000,61 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _mean_over_items(total, count, num_items_in_batch=None):
+    """A loss summed over `count` items -> its mean, as a sum divided by max(count, 1): a batch with nothing to predict
+    (every label -100, or an empty batch) gives 0 with zero gradients instead of NaN. With `num_items_in_batch` (what
+    transformers' Trainer passes: the labelled items of every micro-batch of one optimizer step) the sum is divided by
+    that instead, so that gradient accumulation gives the loss and gradients of one large batch."""
+    if num_items_in_batch is None:
+        return total / count.clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.to(total.device).clamp(min=1)
+    return total / max(num_items_in_batch, 1)
+
+
+def _cross_entropy_sum(logits, labels):
+    """Summed cross-entropy [..., K] logits against [...] labels, -100 ignored; computed in float32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
+
+
+def _binary_cross_entropy_sum(logits, labels, counted):
+    """Summed binary cross-entropy of logits against 0/1 labels where `counted` (same shapes); float32."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(), reduction="none")
+    return torch.where(counted, losses, 0.0).sum()
+
+
+def sparse_prediction_positions(labels: torch.Tensor, max_fraction: float) -> torch.Tensor:
+    """[K] positions of a [B, N] batch, as indices into its flattened B * N positions, at which the masked-LM head
+    computes vocabulary logits: every labelled position (labels != -100) in row-major order, then the first unlabelled
+    ones, K = ceil(max_fraction * B * N) in all (at most B * N).
+
+    Why this shape: gathering exactly the labelled positions (boolean indexing) gives a shape known only after a host
+    sync, which stalls an accelerator's stream every step and breaks compiled graphs. K depends on the shapes only, so
+    the vocabulary projection (the largest cost of masked-LM pretraining with a 128k vocabulary) still runs on a
+    fraction of the tokens, and the first (number of labelled) rows hold exactly what boolean indexing gave. A batch
+    with more than K labelled positions raises (config.sparse_mlm_max_fraction sets K): on CPU tensors a ValueError,
+    on accelerators a device-side assertion (no sync)."""
+    labelled = (labels != -100).flatten()  # [B * N]
+    total = labelled.shape[0]
+    budget = min(total, math.ceil(max_fraction * total))
+    _check_prediction_budget(labelled, budget, max_fraction)
+    # A stable sort keeps row-major order within the labelled and within the unlabelled positions.
+    order = torch.sort(labelled.to(torch.int8), descending=True, stable=True).indices  # [B * N]
+    return order[:budget]
+
+
+def _check_prediction_budget(labelled, budget, max_fraction):
+    message = (f"more than {budget} labelled positions (sparse_mlm_max_fraction={max_fraction} of "
+               f"{labelled.shape[0]} positions) in this batch: raise config.sparse_mlm_max_fraction (up to 1.0) or "
+               "set config.sparse_mlm_logits=False")
+    if _can_check_values(labelled):
+        count = int(labelled.sum())
+        if count > budget:
+            raise ValueError(f"The labels hold {count} labelled positions, " + message)
+    elif not torch.jit.is_tracing():
+        torch._assert_async(labelled.sum() <= budget, "The labels hold " + message)
+
+
 class DebertaCustomLMPredictionHead(nn.Module):
     """dense -> activation -> LayerNorm -> tied word-embedding decoder + bias. State-dict names follow the official
     checkpoints: `lm_predictions.lm_head.{dense,LayerNorm,bias}`."""
@@ -1013,6 +1083,10 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
     embedding; the last encoder layer is applied `emd_num_passes` times with shared weights, each output becoming the
     next query; the LM head reads the final pass. With position_biased_input (or use_enhanced_mask_decoder false) the
     head reads the last layer."""
+
+    # transformers' Trainer passes num_items_in_batch (the labelled tokens of every micro-batch of one optimizer step)
+    # to models that declare this, and then no longer divides their loss by the accumulation steps.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
@@ -1049,6 +1123,33 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
             query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query)
         return query
 
+    def decode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+               output_attentions=None, output_hidden_states=None):
+        """Backbone, then the Enhanced Mask Decoder where it applies: (backbone outputs, hidden states [B, N, C] that
+        the LM head reads)."""
+        use_emd = self.config.uses_enhanced_mask_decoder
+        outputs = self.deberta(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=True if use_emd else output_hidden_states,
+            return_dict=True,
+        )
+        if not use_emd:
+            return outputs, outputs.last_hidden_state
+        batch, length = outputs.last_hidden_state.shape[:2]
+        device = outputs.last_hidden_state.device
+        limit = self.config.max_position_embeddings
+        if position_ids is None:
+            if length > limit:
+                raise ValueError(f"Sequence length {length} exceeds max_position_embeddings={limit}, which the "
+                                 "Enhanced Mask Decoder needs for absolute positions; truncate the input")
+            position_ids = self._default_position_ids(length, device)
+        else:
+            _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
+        token_mask = (attention_mask.bool() if attention_mask is not None
+                      else torch.ones(batch, length, dtype=torch.bool, device=device))
+        return outputs, self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
+
     def forward(
         self,
         input_ids=None,
@@ -1060,47 +1161,28 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        num_items_in_batch=None,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        use_emd = self.config.uses_enhanced_mask_decoder
-        outputs = self.deberta(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=True if use_emd else output_hidden_states,
-            return_dict=True,
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        if use_emd:
-            batch, length = outputs.last_hidden_state.shape[:2]
-            limit = self.config.max_position_embeddings
-            if position_ids is None:
-                if length > limit:
-                    raise ValueError(f"Sequence length {length} exceeds max_position_embeddings={limit}, which the "
-                                     "Enhanced Mask Decoder needs for absolute positions; truncate the input")
-                position_ids = self._default_position_ids(length, outputs.last_hidden_state.device)
-            else:
-                _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
-            token_mask = (
-                attention_mask.bool() if attention_mask is not None
-                else torch.ones(batch, length, dtype=torch.bool, device=outputs.last_hidden_state.device)
-            )
-            sequence_output = self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
-        else:
-            sequence_output = outputs.last_hidden_state
-
-        word_embeddings = self.deberta.embeddings.word_embeddings
+        outputs, sequence_output = self.decode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                               output_attentions, output_hidden_states)
+        lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
         loss = None
         if labels is not None:
             _check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
-            labelled = labels != -100
+            targets = labels
             if self.training and self.config.sparse_mlm_logits:
-                # Vocabulary logits only where there is a label: the V-wide projection dominates memory otherwise.
-                logits = self.lm_predictions.lm_head(sequence_output[labelled], word_embeddings)  # [M, V]
-                loss = F.cross_entropy(logits.float(), labels[labelled])
-            else:
-                logits = self.lm_predictions.lm_head(sequence_output, word_embeddings)  # [B, N, V]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                # Vocabulary logits only at K positions, the labelled ones first (see sparse_prediction_positions).
+                positions = sparse_prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [K]
+                sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
+                targets = labels.flatten().index_select(0, positions)  # [K], -100 past the labelled rows
+            logits = lm_head(sequence_output, word_embeddings)  # [B, N, V], or [K, V] when sparse
+            loss = _mean_over_items(_cross_entropy_sum(logits, targets), (labels != -100).sum(), num_items_in_batch)
         else:
-            logits = self.lm_predictions.lm_head(sequence_output, word_embeddings)
+            logits = lm_head(sequence_output, word_embeddings)
 
         hidden_states = outputs.hidden_states if output_hidden_states else None
         result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions)
@@ -1126,12 +1208,13 @@ def _resize_vector(module, name, new_size):
 
 
 def _check_labels(labels, expected_shape, num_classes, name):
-    """Class labels: integers in [0, num_classes) or -100 (ignored), of the expected shape."""
+    """Class labels: integers in [0, num_classes) or -100 (ignored), of the expected shape (values checked where
+    that is free: see _can_check_values)."""
     if labels.is_floating_point():
         raise TypeError(f"{name} must be integer class ids for this head, got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(expected_shape)}")
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not _can_check_values(labels):
         return
     valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
     if not bool(valid.all()):
@@ -1209,7 +1292,7 @@ class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
             if labels.dim() == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             _check_labels(labels, (batch,), self.num_labels, "labels")
-            return F.cross_entropy(logits.float(), labels)
+            return _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum())
         if problem_type == "multi_label_classification":
             if tuple(labels.shape) != (batch, self.num_labels):
                 raise ValueError(f"Multi-label labels have shape {tuple(labels.shape)}, expected "
@@ -1219,6 +1302,8 @@ class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
 
 
 class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
+    accepts_loss_kwargs = True  # num_items_in_batch, as for the masked-LM head
+
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1238,6 +1323,7 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        num_items_in_batch=None,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -1246,7 +1332,7 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         loss = None
         if labels is not None:
             _check_labels(labels, logits.shape[:2], self.num_labels, "labels")
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            loss = _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum(), num_items_in_batch)
         return _head_output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
@@ -1290,9 +1376,10 @@ class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
                 value = value.reshape(-1)
                 if value.shape[0] != start_logits.shape[0]:
                     raise ValueError(f"{name} has {value.shape[0]} entries for a batch of {start_logits.shape[0]}")
-                positions.append(value.clamp(0, length))  # length = ignored: the answer is not in this window
-            loss = (F.cross_entropy(start_logits.float(), positions[0], ignore_index=length)
-                    + F.cross_entropy(end_logits.float(), positions[1], ignore_index=length)) / 2
+                value = value.clamp(0, length)  # as transformers: below 0 -> 0; past the window -> ignored
+                positions.append(value.masked_fill(value == length, -100))  # the answer is not in this window
+            loss = sum(_mean_over_items(_cross_entropy_sum(logits, target), (target != -100).sum())
+                       for logits, target in zip((start_logits, end_logits), positions, strict=True)) / 2
         return _head_output(QuestionAnsweringModelOutput, return_dict, outputs, loss=loss, start_logits=start_logits,
                             end_logits=end_logits)
 
@@ -1348,7 +1435,7 @@ class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
         loss = None
         if labels is not None:
             _check_labels(labels, (batch,), num_choices, "labels")
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum())
         return _head_output(MultipleChoiceModelOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
@@ -1381,7 +1468,10 @@ class ReplacedTokenDetectionOutput(ModelOutput):
 
 class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
     """The DeBERTaV3 discriminator: one logit per token saying whether it was replaced. `labels` [B, N] hold 1
-    (replaced), 0 (original) or -100 (ignored); padding never counts."""
+    (replaced), 0 (original) or -100 (ignored); padding never counts (put -100 there too when training with
+    gradient accumulation: the Trainer's num_items_in_batch counts every label that is not -100)."""
+
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
@@ -1400,6 +1490,7 @@ class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        num_items_in_batch=None,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -1411,7 +1502,8 @@ class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
             counted = labels != -100
             if attention_mask is not None:
                 counted = counted & attention_mask.bool()
-            loss = F.binary_cross_entropy_with_logits(logits[counted].float(), labels[counted].float())
+            loss = _mean_over_items(_binary_cross_entropy_sum(logits, labels, counted), counted.sum(),
+                                    num_items_in_batch)
         return _head_output(ReplacedTokenDetectionOutput, return_dict, outputs, loss=loss, logits=logits)
 
 

@@ -50,8 +50,12 @@ from .modeling_deberta_custom import (
     DebertaCustomModel,
     DebertaCustomPreTrainedModel,
     DebertaCustomRTDHead,
+    _binary_cross_entropy_sum,
     _check_labels,
+    _cross_entropy_sum,
+    _mean_over_items,
     init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
+    sparse_prediction_positions,
 )
 
 RTD_AUTO_MAP = {**AUTO_MAP, "AutoModelForPreTraining": "modeling_rtd.DebertaCustomForRTDPreTraining"}
@@ -134,7 +138,10 @@ class RTDPreTrainingOutput(ModelOutput):
     logits: [B, N] discriminator logits on `discriminator_input_ids`.
     rtd_labels: [B, N] 1 replaced, 0 original, -100 padding.
     discriminator_input_ids: [B, N] the input with the sampled tokens at masked positions.
-    generator_logits: [M, V] the generator's logits at the M masked positions (row-major order of labels != -100).
+    generator_logits: [K, V] the generator's logits at `generator_positions`.
+    generator_positions: [K] where those logits are, as indices into the flattened [B * N] positions: every masked
+        position in row-major order first (the first M rows are the M masked positions), then unmasked ones; K is
+        fixed by the shapes (see `sparse_prediction_positions` and config.sparse_mlm_max_fraction).
     """
 
     loss: torch.FloatTensor | None = None
@@ -147,6 +154,7 @@ class RTDPreTrainingOutput(ModelOutput):
     rtd_labels: torch.LongTensor | None = None
     discriminator_input_ids: torch.LongTensor | None = None
     generator_logits: torch.FloatTensor | None = None
+    generator_positions: torch.LongTensor | None = None
 
 
 class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
@@ -158,6 +166,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
     at masked positions and -100 elsewhere. Without labels only the discriminator runs, on input_ids as given."""
 
     saved_auto_map = RTD_AUTO_MAP
+    accepts_loss_kwargs = True  # the Trainer's num_items_in_batch (masked tokens of one optimizer step), see forward
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
@@ -200,26 +209,12 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
     # --- the two networks ----------------------------------------------------------------------------------------
 
-    def generator_logits(self, input_ids, attention_mask, token_type_ids, position_ids, masked):
-        """The generator's vocabulary logits [M, V] at the masked positions only (as DebertaCustomForMaskedLM computes
-        them in training with sparse_mlm_logits, in eval mode too, so that evaluation with a 128k vocabulary does
-        not build [B, N, V] logits)."""
-        generator = self.generator
-        use_emd = generator.config.uses_enhanced_mask_decoder
-        outputs = generator.deberta(input_ids, attention_mask, token_type_ids, position_ids,
-                                    output_hidden_states=use_emd, return_dict=True)
-        sequence_output = outputs.last_hidden_state
-        if use_emd:
-            length = input_ids.shape[1]
-            if position_ids is None:
-                if length > generator.config.max_position_embeddings:
-                    raise ValueError(f"Sequence length {length} exceeds max_position_embeddings="
-                                     f"{generator.config.max_position_embeddings}, which the Enhanced Mask Decoder "
-                                     "needs for absolute positions; truncate the input")
-                position_ids = generator._default_position_ids(length, input_ids.device)
-            sequence_output = generator.enhanced_mask_decoder(outputs.hidden_states, attention_mask.bool(), position_ids)
-        lm_head = generator.lm_predictions.lm_head
-        return lm_head(sequence_output[masked], generator.deberta.embeddings.word_embeddings)  # [M, V]
+    def generator_logits(self, input_ids, attention_mask, token_type_ids, position_ids, positions):
+        """The generator's vocabulary logits [K, V] at `positions` [K] (indices into the flattened [B * N] positions),
+        in training and evaluation alike, so that evaluation with a 128k vocabulary does not build [B, N, V]."""
+        _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
+        sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
+        return self.generator.lm_predictions.lm_head(sequence_output, self.generator.deberta.embeddings.word_embeddings)
 
     def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
         """[B, N] replaced-token logits (> 0: replaced)."""
@@ -252,6 +247,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         position_ids=None,
         labels=None,
         return_dict=None,
+        num_items_in_batch=None,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if input_ids is None:
@@ -266,30 +262,41 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         _check_labels(labels, input_ids.shape, self.config.vocab_size, "labels")
         masked = labels != -100  # [B, N]: positions the generator predicts
-        targets = labels[masked]  # [M]
+        num_masked = masked.sum()
+        # Shapes fixed by the input's shape, not by how many positions are masked: no host sync, one compiled graph.
+        positions = sparse_prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [K]
+        targets = labels.flatten().index_select(0, positions)  # [K]: the masked ids, then -100
+        predicted = targets != -100  # [K]: rows that hold a masked position
 
         # 1. Generator: masked-LM loss at masked positions.
-        generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, masked)
-        if targets.numel() > 0:
-            mlm_loss = F.cross_entropy(generator_logits.float(), targets)
-        else:  # nothing masked in this batch: a zero that keeps the graph connected
-            mlm_loss = generator_logits.float().sum() * 0.0
+        generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions)
+        mlm_loss = _mean_over_items(_cross_entropy_sum(generator_logits, targets), num_masked, num_items_in_batch)
 
-        # 2. Replacements sampled from the generator, no gradient.
-        sampled = self.sample_replacements(generator_logits)
-        discriminator_input_ids = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
+        # 2. Replacements sampled from the generator, no gradient, written back at the masked positions only.
+        sampled = self.sample_replacements(generator_logits)  # [K]
+        flat_ids = input_ids.flatten()
+        replacements = torch.where(predicted, sampled.to(input_ids.dtype), flat_ids.index_select(0, positions))
+        discriminator_input_ids = flat_ids.scatter(0, positions, replacements).view_as(input_ids)
         rtd_labels = self.replaced_token_labels(discriminator_input_ids, input_ids, labels, attention_mask)
 
         # 3. Discriminator: binary cross-entropy over non-padding tokens.
         logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids)
         counted = rtd_labels != -100
-        rtd_loss = F.binary_cross_entropy_with_logits(logits[counted].float(), rtd_labels[counted].float())
+        num_counted = counted.sum()
+        rtd_loss = _binary_cross_entropy_sum(logits, rtd_labels, counted) / num_counted.clamp(min=1)
+        if num_items_in_batch is not None:
+            # The Trainer's num_items_in_batch counts masked tokens, the MLM term's items, over all micro-batches of
+            # one step; the RTD term's items (non-padding tokens) are not counted for it. Each micro-batch's mean
+            # weighs in by its share of the masked tokens: exactly the large batch's mean when the micro-batches
+            # mask the same share of their tokens, and the large batch's gradient scale always (the weights sum to 1).
+            rtd_loss = rtd_loss * _mean_over_items(num_masked, 1, num_items_in_batch)
         loss = mlm_loss + self.config.rtd_loss_weight * rtd_loss
 
         with torch.no_grad():
-            generator_accuracy = (generator_logits.argmax(-1) == targets).float().mean()
-            discriminator_accuracy = ((logits[counted] > 0).long() == rtd_labels[counted]).float().mean()
-            replaced_fraction = rtd_labels[masked].float().mean()
+            generator_accuracy = (((generator_logits.argmax(-1) == targets) & predicted).sum()
+                                  / num_masked.clamp(min=1))
+            discriminator_accuracy = (((logits > 0).long() == rtd_labels) & counted).sum() / num_counted.clamp(min=1)
+            replaced_fraction = ((rtd_labels == 1) & masked).sum() / num_masked.clamp(min=1)
 
         output = RTDPreTrainingOutput(
             loss=loss,
@@ -302,6 +309,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
             rtd_labels=rtd_labels,
             discriminator_input_ids=discriminator_input_ids,
             generator_logits=generator_logits,
+            generator_positions=positions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import logging
 
+from .modeling_deberta_custom import sparse_prediction_positions
+
 logger = logging.get_logger(__name__)
 
 SPM_SPECIAL_TOKENS = dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]",
@@ -452,19 +454,25 @@ class PretrainingMetrics:
         self.objective = objective
 
     def preprocess_logits_for_metrics(self, outputs, labels):
-        batch = labels.shape[0]
+        """Per-sample sums and counts [B, columns], computed without a host sync: dense masked-LM logits [B, N, V]
+        are scored at every position (ignored ones add 0), sparse ones [K, V] at their rows' positions."""
+        batch, length = labels.shape
         masked = labels != -100
-        rows = masked.nonzero()[:, 0]
-        targets = labels[masked]
         if self.objective == "mlm":
             logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-            logits = logits[masked] if logits.dim() == 3 else logits  # dense [B, N, V] in eval, [M, V] if sparse
-            generator_logits = logits
+            positions = None
+            if logits.dim() == 2:  # sparse [K, V] (a model in training mode): the rows' places, as the model chose them
+                positions = sparse_prediction_positions(labels, 1.0)[:logits.shape[0]]
         else:
             named = dict(zip(_rtd_output_names(), outputs, strict=False))
-            generator_logits = named["generator_logits"]
-        token_loss = F.cross_entropy(generator_logits.float(), targets, reduction="none")
-        correct = (generator_logits.argmax(-1) == targets).double()
+            logits, positions = named["generator_logits"], named["generator_positions"]
+        if positions is None:  # dense: one row per position
+            logits, positions = logits.flatten(0, 1), torch.arange(batch * length, device=labels.device)
+        targets = labels.flatten().index_select(0, positions)  # [rows], -100 where nothing is predicted
+        predicted = targets != -100
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # 0 where ignored
+        correct = ((logits.argmax(-1) == targets) & predicted).double()
+        rows = torch.div(positions, length, rounding_mode="floor")  # the sample each row belongs to
         columns = [_per_sample_sum(token_loss, rows, batch), masked.sum(-1).double(),
                    _per_sample_sum(correct, rows, batch)]
         if self.objective == "rtd":
@@ -507,6 +515,15 @@ def _rtd_output_names() -> list[str]:
     return [f.name for f in fields(RTDPreTrainingOutput) if f.name != "loss"]
 
 
+def _masked_lm_accuracy(logits, labels):
+    """Share of labelled positions whose argmax is the label, for dense [B, N, V] or sparse [K, V] logits (rows at
+    sparse_prediction_positions: the labelled positions first), without a host sync."""
+    if logits.dim() == 2:
+        labels = labels.flatten().index_select(0, sparse_prediction_positions(labels, 1.0)[:logits.shape[0]])
+    labelled = labels != -100
+    return ((logits.argmax(-1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
+
+
 class LossTermsCallback(TrainerCallback):
     """Adds the mean of each loss term and accuracy since the previous log to the training logs (train_mlm_loss,
     train_rtd_loss, train_generator_accuracy, ...), for an unchanged Trainer that only logs the summed loss.
@@ -520,9 +537,10 @@ class LossTermsCallback(TrainerCallback):
 
     def __init__(self):
         self._handle = None
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}  # running sums on the model's device: read only in on_log
         self._count = 0
 
+    @torch.no_grad()
     def _record(self, module, args, kwargs, output):
         if not module.training:
             return
@@ -533,12 +551,11 @@ class LossTermsCallback(TrainerCallback):
             values["mlm_loss"] = output.loss
             labels = kwargs.get("labels")
             if labels is not None and output.logits is not None:
-                targets = labels[labels != -100]
-                logits = output.logits if output.logits.dim() == 2 else output.logits[labels != -100]
-                if targets.numel():
-                    values["mlm_accuracy"] = (logits.argmax(-1) == targets).float().mean()
+                values["mlm_accuracy"] = _masked_lm_accuracy(output.logits, labels)
+        # Detached device tensors, summed on the device: no host read (a device sync) in the training step.
         for name, value in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._count += 1 if values else 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -548,7 +565,7 @@ class LossTermsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self._count:
             return
-        terms = {f"train_{name}": round(total / self._count, 4) for name, total in self._sums.items()}
+        terms = {f"train_{name}": round(float(total) / self._count, 4) for name, total in self._sums.items()}
         logs.update(terms)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(terms)

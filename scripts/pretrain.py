@@ -206,10 +206,10 @@ def main(argv=None):
     else:
         config = load_config(args, len(tokenizer), tokenizer.pad_token_id)
         model = model_class(config)
-    if args.objective == "rtd" and training_args.ddp_find_unused_parameters is None:
-        # Tables the discriminator does not read (absolute positions without position_biased_input) get no
-        # gradient; DDP must be told, also under gradient checkpointing, where Trainer would turn the search off.
-        training_args.ddp_find_unused_parameters = True
+    if training_args.ddp_find_unused_parameters is None:
+        # Every trainable parameter gets a gradient in every step (tables a model does not read are frozen, see
+        # train_only_read_position_tables), so DDP need not search the graph for unused ones after each backward.
+        training_args.ddp_find_unused_parameters = False
     parameters = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.objective}: {model_class.__name__}, {parameters:,} parameters, vocab {config.vocab_size}, "
                 f"{config.num_hidden_layers} layers of {config.hidden_size}"
@@ -222,6 +222,11 @@ def main(argv=None):
     mask_probability = args.mask_probability
     if mask_probability is None:
         mask_probability = config.rtd_mask_probability if args.objective == "rtd" else 0.15
+    # Masked-LM logits are computed at a number of positions fixed by the batch shape (config.sparse_mlm_max_fraction
+    # of its tokens, see sparse_prediction_positions); keep that well above the masking rate.
+    if config.sparse_mlm_max_fraction < min(1.0, mask_probability + 0.1):
+        config.sparse_mlm_max_fraction = min(1.0, mask_probability + 0.1)
+        logger.info(f"sparse_mlm_max_fraction -> {config.sparse_mlm_max_fraction} (masking {mask_probability})")
     collator = DebertaMaskingCollator.for_objective(
         tokenizer, args.objective, mask_probability, whole_word_mask=args.whole_word_masking,
         mask_replace_prob=args.mask_replace_prob, random_replace_prob=args.random_replace_prob,

@@ -18,6 +18,7 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
+from modeling_deberta_custom.modeling_deberta_custom import sparse_prediction_positions
 
 VOCAB = TINY_OFFICIAL_V2["vocab_size"]
 LAYERS = TINY_OFFICIAL_V2["num_hidden_layers"]
@@ -232,7 +233,8 @@ def test_masked_lm_with_emd_returns_hidden_states_only_when_asked(batch):
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("model_class,overrides,label_kind", [
     (DebertaCustomForSequenceClassification, dict(num_labels=3), "sequence"),
-    (DebertaCustomForMaskedLM, {}, "mlm"),  # the Enhanced Mask Decoder re-applies the checkpointed last layer
+    # the Enhanced Mask Decoder re-applies the checkpointed last layer; every token labelled: logits everywhere
+    (DebertaCustomForMaskedLM, dict(sparse_mlm_max_fraction=1.0), "mlm"),
 ])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch, model_class, overrides, label_kind,
                                                                   reentrant):
@@ -340,9 +342,13 @@ def test_sparse_masked_lm_logits_in_training(batch):
         dense = model(input_ids, mask, labels=labels)
     model.train()
     sparse = model(input_ids, mask, labels=labels)
-    assert sparse.logits.shape == (5, VOCAB)  # [num_labelled, V]
+    assert sparse.logits.shape == (9, VOCAB)  # [K, V], K = ceil(sparse_mlm_max_fraction 0.25 * 36 positions)
     torch.testing.assert_close(sparse.loss, dense.loss)
-    torch.testing.assert_close(sparse.logits, dense.logits[labels != -100])  # row-major order of the labelled positions
+    # The labelled positions first, in row-major order, then the first unlabelled ones.
+    labelled = labels != -100
+    torch.testing.assert_close(sparse.logits[:5], dense.logits[labelled])
+    torch.testing.assert_close(sparse.logits[5:], dense.logits[~labelled][:4])
+    assert torch.equal(sparse_prediction_positions(labels, 0.25), torch.tensor([0, 5, 11, 26, 33, 1, 2, 3, 4]))
     sparse.loss.backward()
     assert model.deberta.embeddings.word_embeddings.weight.grad is not None
 
@@ -405,3 +411,24 @@ def test_every_trainable_parameter_gets_a_gradient_after_loading(tmp_path, head,
     table = model.base_model.embeddings.position_embeddings.weight
     reads_table = position_biased_input or head is DebertaCustomForMaskedLM
     assert table.requires_grad == reads_table
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_CASES))
+@pytest.mark.parametrize("position_biased_input", [False, True], ids=["emd", "no_emd"])
+def test_config_output_hidden_states_and_return_dict_are_honoured(batch, name, position_biased_input):
+    """config.output_hidden_states and config.return_dict, as transformers' heads read them, when the call does not
+    say; an explicit argument wins. (transformers refuses config.output_attentions with sdpa attention.)"""
+    model_class, overrides, _ = HEAD_CASES[name]
+    model = make(model_class, position_biased_input=position_biased_input, **overrides)
+    input_ids, mask = batch
+    model.config.output_hidden_states = True
+    output = model(input_ids, mask)
+    assert len(output.hidden_states) == LAYERS + 1 and output.attentions is None
+    assert model(input_ids, mask, output_hidden_states=False).hidden_states is None
+    model.config.return_dict = False
+    as_tuple = model(input_ids, mask)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2  # logits, hidden states
+    torch.testing.assert_close(as_tuple[0], output.logits)
+    model.config.output_hidden_states = False
+    assert len(model(input_ids, mask)) == 1
+    assert isinstance(model(input_ids, mask, return_dict=True), transformers.utils.ModelOutput)

@@ -171,13 +171,13 @@ def test_replaced_token_labels_hand_built():
     """Masked positions hold the generator's samples; a sample equal to the original is not a replacement; a masked
     position whose input carried a random token (the 10% case) counts against the original, not that input; padding
     is -100; [CLS]/[SEP] are ordinary non-replaced tokens."""
-    model = rtd_model()
+    model = rtd_model(sparse_mlm_max_fraction=0.5)  # 4 of 12 positions masked: K = 6 generator rows
     model.eval()
     input_ids = torch.tensor([[1, 10, MASK_ID, MASK_ID, 77, 2], [1, MASK_ID, 21, 2, 0, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[0, 3], labels[0, 4], labels[1, 1] = 11, 12, 13, 20
-    samples = torch.tensor([11, 50, 13, 30])  # row-major order of the masked positions
+    samples = torch.tensor([11, 50, 13, 30, 5, 6])  # the masked positions in row-major order, then two unmasked ones
     model.sample_replacements = lambda logits: samples
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     assert out.discriminator_input_ids.tolist() == [[1, 10, 11, 50, 13, 2], [1, 30, 21, 2, 0, 0]]
@@ -185,7 +185,7 @@ def test_replaced_token_labels_hand_built():
     assert out.replaced_fraction.item() == pytest.approx(2 / 4)
     counted = out.rtd_labels != -100
     expected = F.binary_cross_entropy_with_logits(out.logits[counted], out.rtd_labels[counted].float())
-    assert torch.equal(out.rtd_loss, expected)
+    torch.testing.assert_close(out.rtd_loss, expected)
     manual_accuracy = ((out.logits[counted] > 0).long() == out.rtd_labels[counted]).float().mean()
     assert torch.equal(out.discriminator_accuracy, manual_accuracy)
     # The discriminator logits are those of the corrupted input.
@@ -202,15 +202,18 @@ def test_every_loss_term_is_returned_and_combined():
         assert getattr(out, name) is not None, name
     assert torch.equal(out.loss, out.mlm_loss + 10.0 * out.rtd_loss)
     masked = batch["labels"] != -100
-    assert out.generator_logits.shape == (int(masked.sum()), model.config.vocab_size)
+    count = int(masked.sum())
+    assert out.generator_logits.shape == (16, model.config.vocab_size)  # K = 0.25 * 64 positions, static
+    assert torch.equal(out.generator_positions[:count], masked.flatten().nonzero()[:, 0])  # masked ones first
+    generator_logits = out.generator_logits[:count]
     targets = batch["labels"][masked]
-    assert torch.equal(out.generator_accuracy, (out.generator_logits.argmax(-1) == targets).float().mean())
+    torch.testing.assert_close(out.generator_accuracy, (generator_logits.argmax(-1) == targets).float().mean())
     assert 0.0 <= out.discriminator_accuracy.item() <= 1.0
     # Unmasked positions keep their input; the MLM term is the generator's own masked-LM loss.
     assert torch.equal(out.discriminator_input_ids[~masked], batch["input_ids"][~masked])
     standalone = model.generator(**batch)
     assert torch.allclose(out.mlm_loss, standalone.loss, atol=1e-6)
-    assert torch.allclose(out.generator_logits, standalone.logits, atol=1e-5)
+    assert torch.allclose(out.generator_logits, standalone.logits, atol=1e-5)  # both [K, V] at the same positions
     as_tuple = model(**batch, return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[0].shape == ()
 
@@ -224,7 +227,7 @@ def test_mlm_term_matches_the_generator_in_eval_mode():
     out = model(**batch)
     dense = model.generator(**batch)
     masked = batch["labels"] != -100
-    assert torch.allclose(out.generator_logits, dense.logits[masked], atol=1e-5)
+    assert torch.allclose(out.generator_logits[:int(masked.sum())], dense.logits[masked], atol=1e-5)
     assert torch.allclose(out.mlm_loss, dense.loss, atol=1e-6)
 
 

@@ -473,7 +473,8 @@ DDP_SCRIPT = textwrap.dedent("""
     model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
     args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
                              logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             gradient_accumulation_steps=2, activation_checkpointing=True)
+                             gradient_accumulation_steps=2, activation_checkpointing=True,
+                             ddp_find_unused_parameters=False)
     callback = sift_callback()
     trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
     trainer.train()
@@ -492,8 +493,8 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def test_callback_under_ddp_with_two_cpu_processes(tmp_path):
-    """torchrun, 2 processes over gloo, with gradient accumulation and checkpointing (under which the Trainer sets
-    find_unused_parameters=False: the classifier's frozen absolute-position table must not count as unused)."""
+    """torchrun, 2 processes over gloo, with gradient accumulation and checkpointing, and find_unused_parameters=False
+    (the classifier's frozen absolute-position table must not count as unused)."""
     script = tmp_path / "ddp_sift.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
