@@ -154,6 +154,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
     at masked positions and -100 elsewhere. Without labels only the discriminator runs, on input_ids as given."""
 
     saved_auto_map = RTD_AUTO_MAP
+    holds_rtd_generator = True  # its own folders load as they are (the heads merge E_G + E_delta on load instead)
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
