@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 POSITION_ATTENTION_TYPES = ("c2p", "p2c")
 ATTENTION_VARIANTS = ("v1", "v2")
 EMBEDDING_SHARING_MODES = ("gdes", "es", "none")
+MODEL_TYPE = "deberta_custom"
 OFFICIAL_MODEL_TYPES = ("deberta", "deberta-v2")
 
 # What transformers' DebertaConfig / DebertaV2Config assume for a field an official config.json leaves out (their
@@ -66,6 +67,22 @@ def _position_attention_terms(pos_att_type) -> list:
     if isinstance(pos_att_type, str):
         pos_att_type = [item.strip() for item in pos_att_type.lower().split("|") if item.strip()]
     return [item for item in pos_att_type if not (isinstance(item, str) and item.lower() == "none")]
+
+
+def readable_config_dict(config_dict: dict, source=None) -> dict:
+    """A config.json dict as DebertaCustomConfig reads it: ours (model_type `deberta_custom`, or none given) as it
+    is, an official one translated; any other model_type raises ValueError naming it, before an unrelated field
+    would fail validation."""
+    model_type = config_dict.get("model_type")
+    if model_type in OFFICIAL_MODEL_TYPES:
+        return config_dict_from_official(config_dict)
+    if model_type not in (None, "", MODEL_TYPE):
+        where = f" in {source}" if source else ""
+        raise ValueError(
+            f"The config{where} has model_type={model_type!r}, which DebertaCustomConfig does not read: accepted are "
+            f"{MODEL_TYPE!r} (this package) and the official DeBERTa types {', '.join(map(repr, OFFICIAL_MODEL_TYPES))}"
+        )
+    return config_dict
 
 
 class DebertaCustomConfig(PretrainedConfig):
@@ -128,7 +145,7 @@ class DebertaCustomConfig(PretrainedConfig):
         rtd_sampling_temperature (`float`, 1.0): temperature of the generator's sampling of replacements.
     """
 
-    model_type = "deberta_custom"
+    model_type = MODEL_TYPE
 
     def __init__(
         self,
@@ -221,10 +238,16 @@ class DebertaCustomConfig(PretrainedConfig):
         self.validate_fields()
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Reads official config.json files (translated here, so transformers does not warn that the model_type
+        differs) and refuses foreign ones by their model_type."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return readable_config_dict(config_dict, source=pretrained_model_name_or_path), kwargs
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """Also reads official configs (model_type `deberta-v2` / `deberta`), translating their fields."""
-        if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES:
-            config_dict = config_dict_from_official(config_dict)
+        config_dict = readable_config_dict(config_dict)
         result = super().from_dict(config_dict, **kwargs)
         # Keyword overrides are applied after __init__, so check the final values again.
         (result[0] if isinstance(result, tuple) else result).validate_fields()

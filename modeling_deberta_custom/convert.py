@@ -1,12 +1,21 @@
 """Checkpoint conversion: official DeBERTa checkpoints (microsoft/deberta-* and transformers' DebertaV2* / Deberta*
 save_pretrained folders) in, transformers-loadable folders out.
 
-Our parameter names are the official ones (`deberta.embeddings.*`, `deberta.encoder.layer.N.attention.self.*`,
-`lm_predictions.lm_head.*`, `mask_predictions.*`; v1's `in_proj`, `q_bias`, `pos_proj`, ...). What differs:
-  * transformers' legacy masked-LM head (`cls.predictions.*`, written when its config has legacy=True);
-  * transformers drops `deberta.embeddings.position_embeddings` when position_biased_input is false; we keep it,
-    since the Enhanced Mask Decoder reads it;
-  * old checkpoints name LayerNorm parameters gamma / beta.
+Loading goes through transformers' own `from_pretrained` (so dtype, device_map, meta-device initialisation, sharded
+files and quantization behave as for any transformers model); this file holds what that loader is given and what it
+cannot do alone. Our parameter names are the official ones (`deberta.embeddings.*`,
+`deberta.encoder.layer.N.attention.self.*`, `lm_predictions.lm_head.*`, `mask_predictions.*`; v1's fused `in_proj`,
+`q_bias` / `v_bias`, `pos_proj` / `pos_q_proj`), so official files need only a few renames:
+  * transformers' legacy masked-LM head (`cls.predictions.*`, written when its config has legacy=True): renamed by
+    `CHECKPOINT_KEY_MAPPING`, which `from_pretrained` passes to transformers as `key_mapping`;
+  * old checkpoints name LayerNorm parameters gamma / beta: transformers renames those itself;
+  * `position_ids` buffers and the legacy head's tied decoder copies: never loaded (`IGNORED_CHECKPOINT_KEYS`).
+transformers drops `deberta.embeddings.position_embeddings` when position_biased_input is false; we keep it, since
+the Enhanced Mask Decoder reads it (a file without it loads with the table newly initialised, reported as missing).
+
+RTD pretraining folders (DebertaCustomForRTDPreTraining) load into the backbone and every head as the discriminator
+that `export_discriminator` writes: under gdes / es the generator's tables are renamed onto the discriminator
+(`RTD_SHARED_TABLE_MAPPING`) and, under gdes, `merge_embedding_deltas` adds E_delta after loading.
 
 This file travels with the modeling file for `trust_remote_code` loading, so it imports only torch, transformers and
 its siblings at module level.
@@ -17,10 +26,9 @@ import os
 import re
 
 import torch
-from transformers.modeling_utils import load_state_dict
 from transformers.utils import cached_file, logging
 
-from .configuration_deberta_custom import OFFICIAL_MODEL_TYPES, DebertaCustomConfig
+from .configuration_deberta_custom import readable_config_dict
 
 logger = logging.get_logger(__name__)
 
@@ -29,14 +37,21 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "lo
 # Prefixes of head weights; a checkpoint may carry heads that the loading class does not have.
 HEAD_PREFIXES = ("lm_predictions.", "mask_predictions.", "pooler.", "classifier.", "qa_outputs.")
 
-_RENAMES = (
-    (re.compile(r"^cls\.predictions\.transform\.(dense|LayerNorm)\."), r"lm_predictions.lm_head.\1."),
-    (re.compile(r"^cls\.predictions\.(decoder\.)?bias$"), "lm_predictions.lm_head.bias"),
-    (re.compile(r"\.gamma$"), ".weight"),
-    (re.compile(r"\.beta$"), ".bias"),
-)
-# Tied to the word embeddings (our decoder reads them directly) or rebuilt at run time: never loaded.
-_DROPPED = (re.compile(r"^cls\.predictions\.decoder\.weight$"), re.compile(r"position_ids$"))
+# Official key -> our key (regular expressions; transformers' `key_mapping` format: the first matching pattern wins).
+CHECKPOINT_KEY_MAPPING = {
+    r"^cls\.predictions\.transform\.(dense|LayerNorm)\.": r"lm_predictions.lm_head.\1.",
+    r"^cls\.predictions\.bias": "lm_predictions.lm_head.bias",
+}
+# Keys that are never loaded: buffers rebuilt at run time, and the legacy head's decoder (a copy of the word
+# embeddings, which our decoder reads directly, and a second copy of the bias). Patterns for re.search.
+IGNORED_CHECKPOINT_KEYS = (r"position_ids$", r"^cls\.predictions\.decoder\.")
+# RTD pretraining folders under gdes / es: the discriminator's word and position tables are the generator's
+# (plus E_delta under gdes, merged after loading); the generator itself is not part of the discriminator.
+RTD_SHARED_TABLE_MAPPING = {
+    r"^generator\.deberta\.embeddings\.(word|position)_embeddings\.weight": r"deberta.embeddings.\1_embeddings.weight",
+}
+RTD_PRETRAINING_ONLY_KEYS = (r"^generator\.", r"embeddings\.(word|position)_embeddings\.delta$")
+SHARED_TABLES = ("word_embeddings", "position_embeddings")
 
 _LEGACY_HEAD_NAMES = re.compile(r"^lm_predictions\.lm_head\.(dense|LayerNorm)")
 
@@ -61,48 +76,43 @@ def is_required_weight(key: str, config) -> bool:
 
 
 def rename_official_key(key: str) -> str | None:
-    """Our name for an official / transformers state-dict key, or None for keys that are not loaded."""
-    if any(pattern.search(key) for pattern in _DROPPED):
+    """Our name for the key of an official state dict, or None for keys that are never loaded: what
+    `from_pretrained` does through `CHECKPOINT_KEY_MAPPING`, transformers' LayerNorm gamma / beta rule and
+    `IGNORED_CHECKPOINT_KEYS`."""
+    if any(re.search(pattern, key) for pattern in IGNORED_CHECKPOINT_KEYS):
         return None
-    for pattern, replacement in _RENAMES:
-        key = pattern.sub(replacement, key)
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+    for pattern, replacement in CHECKPOINT_KEY_MAPPING.items():
+        key, replaced = re.subn(pattern, replacement, key)
+        if replaced:
+            break
     return key
 
 
 def convert_official_state_dict(state_dict: dict) -> dict:
+    """An official state dict (for example a microsoft/deberta-* `pytorch_model.bin` read with torch.load) under
+    our names, for `model.load_state_dict`. `from_pretrained` does the same from a folder."""
     converted = {}
     for key, value in state_dict.items():
         new_key = rename_official_key(key)
-        if new_key is not None and new_key not in converted:  # decoder.bias and bias are one tied tensor
+        if new_key is not None:
             converted[new_key] = value
     return converted
 
 
-def align_prefix(state_dict: dict, model_keys, prefix: str) -> tuple[dict, list[str]]:
-    """Match the checkpoint's base-model prefix to the model's: strip `deberta.` when loading a head checkpoint into
-    the bare model (the head weights are returned as unused), add it when loading a bare checkpoint into a head."""
-    model_has_prefix = any(k.startswith(prefix) for k in model_keys)
-    checkpoint_has_prefix = any(k.startswith(prefix) for k in state_dict)
-    if model_has_prefix == checkpoint_has_prefix:
-        return state_dict, []
-    if checkpoint_has_prefix:  # head checkpoint -> bare model
-        aligned = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        return aligned, [k for k in state_dict if not k.startswith(prefix)]
-    return {prefix + k: v for k, v in state_dict.items()}, []
-
-
-def _hub_kwargs(kwargs: dict) -> dict:
+def hub_kwargs(kwargs: dict) -> dict:
+    """The keyword arguments of from_pretrained that locate files (Hub revision, cache, subfolder, ...)."""
     return {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
 
 
-def resolve_official_config(name_or_path, kwargs: dict) -> dict | None:
-    """The config dict of an official checkpoint at name_or_path (folder or Hub id), or None when it is not one
-    (our own format, or nothing resolvable: then transformers' loader reports the problem)."""
+def checkpoint_config_dict(name_or_path, kwargs: dict) -> dict | None:
+    """The checkpoint's config.json as a dict, read as DebertaCustomConfig reads it (official fields translated;
+    a foreign model_type raises), or None when there is none to read (transformers' loader then reports it)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         return None
     try:
         config_file = cached_file(str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False,
-                                  **_hub_kwargs(kwargs))
+                                  **hub_kwargs(kwargs))
     except (OSError, ValueError):
         return None
     if config_file is None:
@@ -112,118 +122,126 @@ def resolve_official_config(name_or_path, kwargs: dict) -> dict | None:
             config_dict = json.load(handle)
     except (OSError, json.JSONDecodeError):
         return None
-    return config_dict if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES else None
+    return readable_config_dict(config_dict, source=config_file)
 
 
-def weight_files(name_or_path, hub_kwargs) -> list[str]:
+def weight_files(name_or_path, kwargs: dict) -> list[str]:
+    """Local paths of the checkpoint's weight files (the shards of a sharded checkpoint)."""
+    locate = hub_kwargs(kwargs)
     for filename in WEIGHT_FILES:
-        resolved = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        resolved = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **locate)
         if resolved is None:
             continue
         if not filename.endswith(".index.json"):
             return [resolved]
         with open(resolved, encoding="utf-8") as handle:
             shards = sorted(set(json.load(handle)["weight_map"].values()))
-        return [cached_file(str(name_or_path), shard, **hub_kwargs) for shard in shards]
+        return [cached_file(str(name_or_path), shard, **locate) for shard in shards]
     raise OSError(f"No weights found in {name_or_path}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def describe_weight_source(name_or_path, kwargs: dict) -> str:
     """The weight file(s) of a checkpoint, for error messages: a path ending in model.safetensors (or the shards)."""
     try:
-        files = weight_files(name_or_path, _hub_kwargs(kwargs))
+        files = weight_files(name_or_path, kwargs)
     except Exception:  # nothing resolvable: name the folder
         return f"in {name_or_path}"
     return files[0] if len(files) == 1 else f"{len(files)} shards in {name_or_path} ({', '.join(files)})"
 
 
-def read_checkpoint(files: list[str]) -> dict:
-    """Read safetensors or pickle shards with transformers' own reader (and its torch.load safety policy). A file
-    that cannot be read (truncated, corrupt) raises ValueError naming it."""
-    state_dict = {}
+def _read_file(path: str, keys=None, map_location="cpu") -> dict:
+    """Tensors of one weight file (all, or those of `keys` that it holds), read as transformers reads them:
+    safetensors, or torch.load under its weights-only policy."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open  # a dependency of transformers
+
+        with safe_open(path, framework="pt") as handle:
+            names = [k for k in handle.keys() if keys is None or k in keys]
+            if map_location == "meta":
+                return dict.fromkeys(names)
+            return {k: handle.get_tensor(k) for k in names}
+    from transformers.modeling_utils import load_state_dict
+
+    state_dict = load_state_dict(path, map_location=map_location)
+    return {k: v for k, v in state_dict.items() if keys is None or k in keys}
+
+
+def check_device_map(device_map) -> None:
+    """Raise ValueError naming a device of `device_map` (a device name, or a dict of them) that this machine lacks,
+    before transformers' loader fails on it deep inside torch ("Torch not compiled with CUDA enabled"). Strategies
+    ("auto", "balanced", ...), "disk", and names torch does not know are left to transformers, which explains them."""
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for device in devices:
+        if isinstance(device, int) and not isinstance(device, bool):
+            if not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+                raise ValueError(f"device_map places weights on accelerator {device}, but this machine has none "
+                                 "(torch.cuda.is_available() is False): use device_map='cpu' or leave it out")
+            continue
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError):
+            continue
+        backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+        if backend is None or not hasattr(backend, "is_available"):
+            continue
+        if not backend.is_available():
+            raise ValueError(f"device_map asks for {device}, but this machine has no {device.type} device "
+                             f"(torch.{device.type}.is_available() is False): use device_map='cpu' or leave it out")
+        if device.index is not None and device.index >= backend.device_count():
+            raise ValueError(f"device_map asks for {device}, but this machine has {backend.device_count()} "
+                             f"{device.type} device(s)")
+
+
+def unreadable_weight_file(name_or_path, kwargs: dict) -> tuple[str, Exception] | None:
+    """The first weight file that cannot be read (truncated, corrupt, or a pickle that the weights-only policy
+    refuses) and the reader's error; None when every file reads (or none can be found). Reads headers only."""
+    try:
+        files = weight_files(name_or_path, kwargs)
+    except Exception:  # nothing to diagnose: the loader's own error stands
+        return None
     for path in files:
         try:
-            state_dict.update(load_state_dict(path))
-        except Exception as error:  # the readers raise several unrelated types; name the file whatever they are
-            raise ValueError(f"Could not read checkpoint file {path}: {error}") from error
-    return state_dict
+            _read_file(path, map_location="meta")
+        except Exception as error:  # the readers raise assorted types; each means this file is unreadable
+            return path, error
+    return None
 
 
-def load_official_checkpoint(model_class, name_or_path, official_config: dict, **kwargs):
-    """Build `model_class` from an official checkpoint, keeping every weight the class has a place for.
-
-    Weights the model needs but the checkpoint lacks raise ValueError naming the file (a truncated or foreign
-    checkpoint), except task heads, which are newly initialised with a warning as in transformers. Shape mismatches
-    raise unless ignore_mismatched_sizes=True. Loads in float32 unless dtype / torch_dtype says otherwise ("auto":
-    the checkpoint's dtype)."""
-    hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    config = kwargs.pop("config", None)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-    kwargs.pop("torch_dtype", None)
-    attn_implementation = kwargs.pop("attn_implementation", None)
-    output_loading_info = kwargs.pop("output_loading_info", False)
-    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-    device_map = kwargs.pop("device_map", None)
-    if isinstance(device_map, dict):
-        raise ValueError("Official checkpoints load onto one device: pass device_map as a device name, not a dict")
-    for ignored in ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors"):
-        kwargs.pop(ignored, None)
-    if config is None:
-        config, unused = DebertaCustomConfig.from_dict(official_config, return_unused_kwargs=True, **kwargs)
-    elif isinstance(config, DebertaCustomConfig):
-        unused = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
-        for key, value in kwargs.items():
-            if key not in unused:
-                setattr(config, key, value)
-    else:
-        raise TypeError(f"config must be a DebertaCustomConfig, got {type(config).__name__}")
-    if unused:
-        raise TypeError(f"Unexpected keyword arguments for {model_class.__name__}.from_pretrained: {sorted(unused)}")
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-
-    files = weight_files(name_or_path, hub_kwargs)
-    state_dict = convert_official_state_dict(read_checkpoint(files))
-    model = model_class(config)
-    model_state = model.state_dict()
-    state_dict, unused_keys = align_prefix(state_dict, model_state.keys(), model_class.base_model_prefix + ".")
-    source = files[0] if len(files) == 1 else f"{len(files)} shards in {name_or_path}"
-
-    mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
-                  if k in model_state and v.shape != model_state[k].shape]
-    if mismatched and not ignore_mismatched_sizes:
-        details = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:5])
-        raise ValueError(f"Checkpoint {source} does not match the config's sizes ({len(mismatched)} tensors): "
-                         f"{details}. Pass ignore_mismatched_sizes=True to re-initialise them.")
-    for key, _, _ in mismatched:
-        del state_dict[key]
-
-    missing = [k for k in model_state if k not in state_dict]
-    missing_backbone = [k for k in missing if is_required_weight(k, config)]
-    if missing_backbone and not (ignore_mismatched_sizes and set(missing_backbone) <= {k for k, _, _ in mismatched}):
-        raise ValueError(f"Checkpoint {source} lacks {len(missing_backbone)} weights of the model, such as "
-                         f"{missing_backbone[:5]}: the file is truncated or holds a different architecture")
-    unexpected = [k for k in state_dict if k not in model_state] + unused_keys
+def read_checkpoint_tensors(name_or_path, keys, kwargs: dict) -> dict:
+    """The named tensors of a checkpoint, read from whichever files hold them."""
+    found = {}
+    for path in weight_files(name_or_path, kwargs):
+        found.update(_read_file(path, keys=set(keys)))
+    missing = sorted(set(keys) - set(found))
     if missing:
-        logger.warning(f"Newly initialised (not in {source}): {missing}. Train this head before using it.")
-    unknown = [k for k in unexpected if not k.startswith(HEAD_PREFIXES)]
-    if unknown:
-        logger.warning(f"Weights of {source} that {model_class.__name__} does not use: {unknown}")
+        raise ValueError(f"The checkpoint {describe_weight_source(name_or_path, kwargs)} lacks {missing}")
+    return found
 
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in model_state}, strict=False)
-    if dtype == "auto":
-        dtype = next(iter(state_dict.values())).dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = model.to(dtype or torch.float32)
-    if device_map is not None:
-        model = model.to("cuda" if device_map == "auto" and torch.cuda.is_available() else
-                         "cpu" if device_map == "auto" else device_map)
-    model.eval()
-    if output_loading_info:
-        return model, {"missing_keys": missing, "unexpected_keys": unexpected,
-                       "mismatched_keys": [k for k, _, _ in mismatched], "error_msgs": []}
-    return model
+
+def rtd_shared_tables(config_dict: dict | None) -> str | None:
+    """The embedding-sharing mode ("gdes" / "es") of an RTD pretraining checkpoint whose discriminator reads the
+    generator's tables, or None for any other checkpoint."""
+    if not config_dict or "DebertaCustomForRTDPreTraining" not in (config_dict.get("architectures") or ()):
+        return None
+    mode = config_dict.get("rtd_embedding_sharing", "gdes")
+    return mode if mode in ("gdes", "es") else None
+
+
+@torch.no_grad()
+def merge_embedding_deltas(model, name_or_path, kwargs: dict) -> None:
+    """E_D = E_G + E_delta for the word and position tables of a model loaded from a gdes RTD pretraining checkpoint,
+    summed in the checkpoint's precision before the cast to the model's, as `export_discriminator` computes them.
+    (from_pretrained has already placed E_G in the tables through RTD_SHARED_TABLE_MAPPING.)"""
+    embeddings = model.base_model.embeddings
+    names = {table: (f"generator.deberta.embeddings.{table}.weight", f"deberta.embeddings.{table}.delta")
+             for table in SHARED_TABLES}
+    tensors = read_checkpoint_tensors(name_or_path, [key for pair in names.values() for key in pair], kwargs)
+    for table, (generator_key, delta_key) in names.items():
+        weight = getattr(embeddings, table).weight
+        if weight.device.type == "meta":
+            raise ValueError(f"Cannot merge the RTD embedding delta into {table}: the table was offloaded (meta "
+                             "device). Export the discriminator (export_discriminator) and load that folder instead")
+        weight.copy_(tensors[generator_key] + tensors[delta_key])
 
 
 def save_as_transformers(model, folder) -> None:

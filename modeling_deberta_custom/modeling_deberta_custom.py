@@ -12,6 +12,7 @@ torch, transformers and its sibling files.
 """
 
 import functools
+import inspect
 import math
 import os
 import shutil
@@ -36,7 +37,19 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import describe_weight_source, is_required_weight, load_official_checkpoint, resolve_official_config
+from .convert import (
+    CHECKPOINT_KEY_MAPPING,
+    IGNORED_CHECKPOINT_KEYS,
+    RTD_PRETRAINING_ONLY_KEYS,
+    RTD_SHARED_TABLE_MAPPING,
+    check_device_map,
+    checkpoint_config_dict,
+    describe_weight_source,
+    is_required_weight,
+    merge_embedding_deltas,
+    rtd_shared_tables,
+    unreadable_weight_file,
+)
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
@@ -823,8 +836,13 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _no_split_modules = ["DebertaCustomLayer", "DebertaCustomEmbeddings"]
+    # Checkpoint keys that are never loaded, so transformers does not report them as unused: stale buffers, the legacy
+    # head's tied decoder copies, and an RTD pretraining folder's generator (a head loads only its discriminator).
+    _keys_to_ignore_on_load_unexpected = [*IGNORED_CHECKPOINT_KEYS, *RTD_PRETRAINING_ONLY_KEYS]
     # What save_pretrained writes as `auto_map`; classes defined in sibling files (modeling_rtd.py) extend it.
     saved_auto_map = AUTO_MAP
+    # Whether this class holds RTD pretraining's generator (and loads such folders as they are, without merging).
+    holds_rtd_generator = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -858,9 +876,13 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         self.config._attn_implementation = attn_implementation
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Writes a Hub-ready folder: weights, config with the full `auto_map` (the config and every head, so one
-        repo serves every Auto class), and the code files for `trust_remote_code=True` loading."""
+        """Writes a Hub-ready folder: weights under our names, config with the full `auto_map` (the config and every
+        head, so one repo serves every Auto class), and the code files for `trust_remote_code=True` loading."""
         self.config.auto_map = dict(self.saved_auto_map)
+        if "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters:
+            # transformers >= 5 would write back the names a checkpoint was loaded under (cls.predictions.*, an RTD
+            # folder's generator tables); our folders hold our names whatever the model was loaded from.
+            kwargs.setdefault("save_original_format", False)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         # transformers copies code only for classes registered with an Auto class; the RTD discriminator has none.
         # Copy every file the auto_map names, with the siblings they import, so each folder loads as remote code.
@@ -875,32 +897,40 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Also accepts official checkpoints: a folder or Hub repo whose config.json has model_type `deberta-v2` or
-        `deberta` (the microsoft/deberta-* repos, or transformers' own save_pretrained). Those go through
-        `convert.load_official_checkpoint`, which keeps every weight (absolute positions, the masked-LM and RTD
-        heads) and reports truncated or mismatched files by name."""
-        official_config = resolve_official_config(pretrained_model_name_or_path, kwargs)
-        if official_config is not None:
-            loaded = load_official_checkpoint(cls, pretrained_model_name_or_path, official_config, **kwargs)
-            train_only_read_position_tables(loaded[0] if isinstance(loaded, tuple) else loaded)
-            return loaded
+        """transformers' own loader (every from_pretrained argument works as for its models: dtype, device_map,
+        quantization_config, sharded and Hub checkpoints), reading our folders and the official checkpoints: a folder
+        or Hub repo whose config.json has model_type `deberta-v2` or `deberta` (the microsoft/deberta-* repos, or
+        transformers' own save_pretrained), renamed on load by `convert.CHECKPOINT_KEY_MAPPING`. RTD pretraining
+        folders load into the backbone and every head as the exported discriminator (E_G + E_delta merged).
+
+        Added to transformers' checks: weights of the backbone that the checkpoint lacks raise ValueError naming the
+        file (a truncated or foreign checkpoint) instead of being initialised at random; a weight file that cannot
+        be read is named; a device_map naming a device this machine lacks says so."""
+        check_device_map(kwargs.get("device_map"))
+        shared_tables = None if cls.holds_rtd_generator else rtd_shared_tables(
+            checkpoint_config_dict(pretrained_model_name_or_path, kwargs))
+        key_mapping = {**(kwargs.pop("key_mapping", None) or {}), **CHECKPOINT_KEY_MAPPING,
+                       **(RTD_SHARED_TABLE_MAPPING if shared_tables else {})}
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, output_loading_info=True, **kwargs
             )
-        except OSError:
-            raise  # missing files or repos: transformers' message already names them
-        except Exception as error:  # corrupt or truncated weight files surface as assorted reader errors
-            source = describe_weight_source(pretrained_model_name_or_path, kwargs)
-            raise ValueError(f"Could not load the checkpoint {source}: {error}") from error
+        except Exception as error:
+            unreadable = unreadable_weight_file(pretrained_model_name_or_path, kwargs)
+            if unreadable is None:
+                raise  # transformers' own error (usage, missing files, sizes) already says what is wrong
+            path, reader_error = unreadable
+            raise ValueError(f"Could not read the checkpoint file {path}: {reader_error}") from error
         missing = [k for k in info["missing_keys"] if is_required_weight(k, model.config)]
         if missing:
             raise ValueError(
-                f"The checkpoint {describe_weight_source(pretrained_model_name_or_path, kwargs)} lacks {len(missing)} weights "
-                f"of the model, such as {sorted(missing)[:5]}: the weight file is truncated or holds a different "
-                "architecture"
+                f"The checkpoint {describe_weight_source(pretrained_model_name_or_path, kwargs)} lacks {len(missing)} "
+                f"weights of the model, such as {sorted(missing)[:5]}: the weight file is truncated or holds a "
+                "different architecture"
             )
+        if shared_tables == "gdes":
+            merge_embedding_deltas(model, pretrained_model_name_or_path, kwargs)
         train_only_read_position_tables(model)  # loading installs fresh Parameters
         return (model, info) if output_loading_info else model
 

@@ -167,6 +167,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
     saved_auto_map = RTD_AUTO_MAP
     accepts_loss_kwargs = True  # the Trainer's num_items_in_batch (masked tokens of one optimizer step), see forward
+    holds_rtd_generator = True  # its own folders load as they are (the heads merge E_G + E_delta on load instead)
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)

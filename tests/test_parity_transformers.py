@@ -339,11 +339,17 @@ def test_export_loads_in_transformers(tmp_path, head, variant):
         assert_same_outputs(head, reference, model, inputs, f"export {head}/{variant}/length {length}")
 
     reloaded = getattr(ours, "DebertaCustom" + head).from_pretrained(tmp_path, use_enhanced_mask_decoder=False)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), f"round trip changed {key}"
     inputs = make_inputs(official_variant, head, 40, seed=7)
     with torch.no_grad():
         expected, actual = main_outputs(head, model(**inputs)), main_outputs(head, reloaded(**inputs))
     for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"round trip changed {name}"
+        # Equal weights; transformers 5 leaves loaded tensors in the memory-mapped file, whose unaligned addresses
+        # can change the last bit of a CPU matmul.
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=f"round trip changed {name}")
 
 
 @pytest.mark.parametrize("variant", ["v3", "no_buckets"])
@@ -430,14 +436,14 @@ def test_official_pytorch_bin_keeps_every_weight(tmp_path, hub_state_dict):
     torch.save(hub_state_dict, tmp_path / "pytorch_model.bin")
 
     model, info = ours.DebertaCustomForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     assert all(k.startswith("mask_predictions.") for k in info["unexpected_keys"])
     assert model.config.pos_att_type == ["p2c", "c2p"] and model.config.uses_enhanced_mask_decoder
     assert model.config.position_buckets == 8 and model.config.share_att_key
     assert_keeps(model, hub_state_dict, ("deberta.", "lm_predictions."))
 
     rtd, info = ours.DebertaCustomForReplacedTokenDetection.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     assert_keeps(rtd, hub_state_dict, ("deberta.", "mask_predictions."))
 
     classifier, info = ours.DebertaCustomForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
@@ -445,7 +451,7 @@ def test_official_pytorch_bin_keeps_every_weight(tmp_path, hub_state_dict):
     assert_keeps(classifier, hub_state_dict, ("deberta.",))
 
     backbone, info = ours.DebertaCustomModel.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     assert torch.equal(backbone.embeddings.position_embeddings.weight,
                        hub_state_dict["deberta.embeddings.position_embeddings.weight"])
 
@@ -473,7 +479,7 @@ def test_official_sharded_safetensors(tmp_path, hub_state_dict):
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
     model, info = ours.DebertaCustomForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     assert_keeps(model, hub_state_dict, ("deberta.", "lm_predictions."))
     rtd = ours.DebertaCustomForReplacedTokenDetection.from_pretrained(tmp_path)
     assert_keeps(rtd, hub_state_dict, ("deberta.", "mask_predictions."))

@@ -39,7 +39,7 @@ def load_masked_lm(attn, **kwargs):
     model, info = DebertaCustomForMaskedLM.from_pretrained(
         REFERENCE / "emd_masked_lm", attn_implementation=attn, output_loading_info=True, **kwargs
     )
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     return model
 
 
@@ -93,7 +93,7 @@ def test_rtd_discriminator_matches_original(rtd_io, attn):
     model, info = DebertaCustomForReplacedTokenDetection.from_pretrained(
         REFERENCE / "rtd_discriminator", attn_implementation=attn, output_loading_info=True
     )
-    assert info["missing_keys"] == [], info
+    assert not info["missing_keys"], info  # a list (transformers 4) or a set (5)
     with torch.no_grad():
         logits = model(input_ids=rtd_io["input_ids"], attention_mask=rtd_io["attention_mask"]).logits
     assert logits.shape == rtd_io["expected_logits"].shape
