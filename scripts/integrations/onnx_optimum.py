@@ -20,6 +20,7 @@ from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForSequenc
 
 REPO = Path(__file__).resolve().parents[2]
 
+
 class DebertaCustomOnnxConfig(TextEncoderOnnxConfig):
     NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
     DEFAULT_ONNX_OPSET = 17
