@@ -11,26 +11,18 @@ import torch
 from conftest import random_batch, tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from modeling_deberta_custom import (
-    DebertaCustomForMaskedLM,
-    DebertaCustomForRTDPreTraining,
-    DebertaCustomForTokenClassification,
-)
+from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
 
 LENGTH = 12
 
 
 def batch_with_labels(head, vocab_size, seed):
-    """Right-padded batch; masked-LM / RTD labels at a seed-dependent number of positions."""
+    """Right-padded batch (padding differs with the seed); labels at seed + 2 positions."""
     input_ids, attention_mask = random_batch(vocab_size, batch=2, length=LENGTH, seed=seed, pad_row=None)
-    attention_mask[1, LENGTH - seed - 3:] = 0  # padding differs from batch to batch
+    attention_mask[1, LENGTH - seed - 3:] = 0
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    if head is DebertaCustomForTokenClassification:
-        generator = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, 3, input_ids.shape, generator=generator).masked_fill(attention_mask == 0, -100)
-    else:  # seed + 2 masked positions, all among the real tokens
-        labels = torch.full_like(input_ids, -100)
-        labels[0, 1:seed + 3] = input_ids[0, 1:seed + 3]
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 1:seed + 3] = input_ids[0, 1:seed + 3]
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
@@ -43,12 +35,14 @@ def loss_and_gradients(model, inputs):
                            if p.grad is not None}
 
 
-@pytest.mark.parametrize("head", [DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining,
-                                  DebertaCustomForTokenClassification], ids=lambda head: head.__name__)
+# The two objectives whose steps broke the graph (sequence-level heads compile in tests/test_attention_paths.py; token
+# classification's loss is the masked-LM one without the gather). Each takes about a minute on two busy cores.
+@pytest.mark.parametrize("head", [DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining],
+                         ids=lambda head: head.__name__)
 def test_training_step_compiles_whole_and_matches_eager(head):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = head(tiny_config(num_hidden_layers=1, num_labels=3)).train()  # dropout 0: eager and compiled agree
+    model = head(tiny_config(num_hidden_layers=1)).train()  # dropout 0: eager and compiled agree
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
     counts, frames = [], []
@@ -62,5 +56,5 @@ def test_training_step_compiles_whole_and_matches_eager(head):
         for name, gradient in expected_gradients.items():
             torch.testing.assert_close(gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
         frames.append(counter.frame_count)
-    assert counts[0] != counts[1]  # (token classification: different padding)
+    assert counts[0] != counts[1]
     assert frames[0] > 0 and frames[1] == frames[0]  # the second batch reuses the graphs: no recompilation
