@@ -1074,15 +1074,15 @@ def sparse_prediction_positions(labels: torch.Tensor, max_fraction: float) -> to
 
 
 def _check_prediction_budget(labelled, budget, max_fraction):
-    message = (f"more than {budget} labelled positions (sparse_mlm_max_fraction={max_fraction} of "
-               f"{labelled.shape[0]} positions) in this batch: raise config.sparse_mlm_max_fraction (up to 1.0) or "
-               "set config.sparse_mlm_logits=False")
+    remedy = "raise config.sparse_mlm_max_fraction (up to 1.0) or set config.sparse_mlm_logits=False"
     if _can_check_values(labelled):
         count = int(labelled.sum())
         if count > budget:
-            raise ValueError(f"The labels hold {count} labelled positions, " + message)
-    elif not torch.jit.is_tracing():
-        torch._assert_async(labelled.sum() <= budget, "The labels hold " + message)
+            raise ValueError(f"The labels hold {count} labelled positions, more than {budget} (sparse_mlm_max_fraction="
+                             f"{max_fraction} of {labelled.shape[0]} positions) in this batch: {remedy}")
+    elif not torch.jit.is_tracing():  # a device-side assertion: no sync (a constant message: values may be symbolic)
+        torch._assert_async(labelled.sum() <= budget,
+                            "More labelled positions than config.sparse_mlm_max_fraction allows: " + remedy)
 
 
 class DebertaCustomLMPredictionHead(nn.Module):

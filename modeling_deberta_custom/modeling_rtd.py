@@ -129,7 +129,7 @@ class DebertaCustomSharedEmbedding(nn.Module):
 class RTDPreTrainingOutput(ModelOutput):
     """Every term of the RTD objective.
 
-    loss: mlm_loss + rtd_loss_weight * rtd_loss.
+    loss: mlm_loss + rtd_loss_weight * rtd_loss (with num_items_in_batch, the step-normalised form: see forward).
     mlm_loss: the generator's cross-entropy at masked positions.
     rtd_loss: the discriminator's binary cross-entropy over non-padding tokens.
     generator_accuracy: share of masked positions where the generator's argmax is the original token.
@@ -271,7 +271,8 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         # 1. Generator: masked-LM loss at masked positions.
         generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions)
-        mlm_loss = _mean_over_items(_cross_entropy_sum(generator_logits, targets), num_masked, num_items_in_batch)
+        mlm_sum = _cross_entropy_sum(generator_logits, targets)
+        mlm_loss = _mean_over_items(mlm_sum, num_masked)
 
         # 2. Replacements sampled from the generator, no gradient, written back at the masked positions only.
         sampled = self.sample_replacements(generator_logits)  # [K]
@@ -284,14 +285,18 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids)
         counted = rtd_labels != -100
         num_counted = counted.sum()
-        rtd_loss = _binary_cross_entropy_sum(logits, rtd_labels, counted) / num_counted.clamp(min=1)
-        if num_items_in_batch is not None:
-            # The Trainer's num_items_in_batch counts masked tokens, the MLM term's items, over all micro-batches of
-            # one step; the RTD term's items (non-padding tokens) are not counted for it. Each micro-batch's mean
-            # weighs in by its share of the masked tokens: exactly the large batch's mean when the micro-batches
-            # mask the same share of their tokens, and the large batch's gradient scale always (the weights sum to 1).
-            rtd_loss = rtd_loss * _mean_over_items(num_masked, 1, num_items_in_batch)
+        rtd_loss = _mean_over_items(_binary_cross_entropy_sum(logits, rtd_labels, counted), num_counted)
         loss = mlm_loss + self.config.rtd_loss_weight * rtd_loss
+        if num_items_in_batch is not None:
+            # Gradient accumulation (the Trainer's num_items_in_batch: masked tokens over all micro-batches of one
+            # step, and the Trainer no longer divides by the steps). The MLM term becomes its sum over the step's
+            # masked tokens: exact. The RTD term's items (non-padding tokens) are not counted for the step, so each
+            # micro-batch's mean weighs in by its share of the masked tokens: the large batch's mean when the
+            # micro-batches mask the same share of their tokens, and its gradient scale always (the shares sum to 1).
+            # mlm_loss and rtd_loss stay this batch's means, for logging; `loss` is what to differentiate.
+            share = _mean_over_items(num_masked, None, num_items_in_batch)
+            loss = (_mean_over_items(mlm_sum, None, num_items_in_batch)
+                    + self.config.rtd_loss_weight * rtd_loss * share)
 
         with torch.no_grad():
             generator_accuracy = (((generator_logits.argmax(-1) == targets) & predicted).sum()

@@ -550,6 +550,9 @@ class LossTermsCallback(TrainerCallback):
         elif getattr(output, "loss", None) is not None:  # masked-LM: the loss is the MLM loss
             values["mlm_loss"] = output.loss
             labels = kwargs.get("labels")
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is not None and labels is not None:  # summed over the step's tokens: this batch's mean
+                values["mlm_loss"] = output.loss * num_items / (labels != -100).sum().clamp(min=1)
             if labels is not None and output.logits is not None:
                 values["mlm_accuracy"] = _masked_lm_accuracy(output.logits, labels)
         # Detached device tensors, summed on the device: no host read (a device sync) in the training step.

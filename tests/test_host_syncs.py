@@ -160,3 +160,30 @@ def test_sparse_budget_overflow_is_a_clear_error_on_cpu():
         model(**inputs)
     model.config.sparse_mlm_max_fraction = 1.0  # the remedy the message names
     assert model(**inputs).logits.shape == (BATCH * LENGTH, model.config.vocab_size)
+
+
+def test_loss_terms_are_logged_without_a_host_read_per_step():
+    """LossTermsCallback sums the terms of each training forward on the device; only on_log (when the Trainer logs)
+    reads them."""
+    from types import SimpleNamespace
+
+    from modeling_deberta_custom.pretraining import LossTermsCallback
+
+    model = build(DebertaCustomForRTDPreTraining, "cpu", "sdpa", hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    callback = LossTermsCallback()
+    callback.on_train_begin(None, None, None, model=model)
+    inputs = head_batch(DebertaCustomForRTDPreTraining, model.config, "cpu", True)
+    outputs = []
+    model.train()
+    for _ in range(2):
+        with HostReadRecorder() as recorder:
+            outputs.append(model(**inputs))
+        assert recorder.outside_checks() == []  # the hook read nothing
+    logs = {"loss": 1.0}
+    state = SimpleNamespace(log_history=[], global_step=1)
+    callback.on_log(None, state, None, logs=logs)
+    callback.on_train_end(None, None, None)
+    for name in LossTermsCallback.RTD_TERMS:
+        expected = sum(float(getattr(output, name).detach()) for output in outputs) / 2
+        assert logs[f"train_{name}"] == pytest.approx(expected, abs=1e-4), name
