@@ -8,9 +8,6 @@ pretraining folders load into every head as the exported discriminator. A foreig
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -245,42 +242,36 @@ def test_rtd_pretraining_folder_loads_as_backbone_and_discriminator(rtd_folders)
     assert_same_state(DebertaCustomForRTDPreTraining.from_pretrained(pretraining), model)
 
 
-RTD_REMOTE_CHILD = textwrap.dedent("""
-    import sys
+@pytest.mark.parametrize("version", ["installed", "4.57"])
+def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path, version):
+    """The merge travels with the folder's code files (convert.py), for trust_remote_code users, under the installed
+    transformers and 4.57 (test_remote_code's isolated child: the package cannot be imported there)."""
+    from test_remote_code import TRANSFORMERS_457, _flatten, _run_isolated
 
-    class BlockPackage:  # the package is installed in the venv: make it unimportable here
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname.split(".")[0] == "modeling_deberta_custom":
-                raise ImportError(fullname + " is blocked in this process")
-
-    sys.meta_path.insert(0, BlockPackage())
-    import torch
-    import transformers
-
-    folder, out = sys.argv[1:3]
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
-    torch.save({"module": type(model).__module__, "state": model.deberta.state_dict()}, out)
-""")
-
-
-def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path):
-    """The merge travels with the folder's code files (convert.py), for trust_remote_code users."""
+    if version == "4.57" and not (TRANSFORMERS_457 / "transformers").is_dir():
+        pytest.skip(f"transformers 4.57 not found at {TRANSFORMERS_457}")
     torch.manual_seed(0)
     model = DebertaCustomForRTDPreTraining(tiny_config(rtd_generator_num_layers=1))
     perturb_parameters(model)
+    model.eval()
     model.save_pretrained(tmp_path / "pretraining")
-    model.export_discriminator(tmp_path / "discriminator")
-    result = subprocess.run(
-        [sys.executable, "-c", RTD_REMOTE_CHILD, str(tmp_path / "pretraining"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env=dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1"),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = torch.load(tmp_path / "out.pt")
-    assert out["module"].startswith("transformers_modules")
-    expected = DebertaCustomModel.from_pretrained(tmp_path / "discriminator").state_dict()
-    assert out["state"].keys() == expected.keys()
-    assert all(torch.equal(out["state"][k], v) for k, v in expected.items())
+    input_ids, attention_mask = random_batch(model.config.vocab_size)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    exported = model.discriminator_for_finetuning().eval()
+    with torch.no_grad():
+        expected = _flatten(exported.deberta(**inputs, output_hidden_states=True, return_dict=True))
+    torch.save(dict(inputs=inputs, expected=expected), tmp_path / "data.pt")
+    case = dict(name="rtd", folder=str(tmp_path / "pretraining"), auto_class="AutoModelForSequenceClassification",
+                data=str(tmp_path / "data.pt"), compare_backbone=True)
+    report = _run_isolated(tmp_path, [case], None if version == "installed" else TRANSFORMERS_457.resolve())
+    assert report["package_importable"] is False and report["package_loaded_after"] is False
+    result = report["cases"]["rtd"]
+    assert "error" not in result, result["error"]
+    assert result["module"].startswith("transformers_modules.")
+    assert result["class"] == "DebertaCustomForSequenceClassification"
+    assert set(expected) <= set(result["keys"])
+    # Equal weights; loaded tensors stay in the memory-mapped file, whose alignment can move the last bit.
+    assert all(isinstance(d, float) and d <= 1e-6 for d in result["mismatch"].values()), result["mismatch"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
