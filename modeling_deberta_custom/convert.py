@@ -127,6 +127,8 @@ def checkpoint_config_dict(name_or_path, kwargs: dict) -> dict | None:
 
 def weight_files(name_or_path, kwargs: dict) -> list[str]:
     """Local paths of the checkpoint's weight files (the shards of a sharded checkpoint)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):  # e.g. from_pretrained(None, state_dict=...)
+        raise OSError("No checkpoint folder or Hub id given")
     locate = hub_kwargs(kwargs)
     for filename in WEIGHT_FILES:
         resolved = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **locate)
