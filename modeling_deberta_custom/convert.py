@@ -127,6 +127,8 @@ def checkpoint_config_dict(name_or_path, kwargs: dict) -> dict | None:
 
 def weight_files(name_or_path, kwargs: dict) -> list[str]:
     """Local paths of the checkpoint's weight files (the shards of a sharded checkpoint)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):  # e.g. from_pretrained(None, state_dict=...)
+        raise OSError("No checkpoint folder or Hub id given")
     locate = hub_kwargs(kwargs)
     for filename in WEIGHT_FILES:
         resolved = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **locate)
@@ -150,8 +152,9 @@ def describe_weight_source(name_or_path, kwargs: dict) -> str:
 
 
 def _read_file(path: str, keys=None, map_location="cpu") -> dict:
-    """Tensors of one weight file (all, or those of `keys` that it holds), read as transformers reads them:
-    safetensors, or torch.load under its weights-only policy."""
+    """Tensors of one weight file (all, or those of `keys` that it holds): safetensors, or a pickle under torch's
+    weights-only policy (as transformers reads it; a pickle that would run code is refused, with torch's reason).
+    map_location="meta" reads only the safetensors header."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open  # a dependency of transformers
 
@@ -160,9 +163,7 @@ def _read_file(path: str, keys=None, map_location="cpu") -> dict:
             if map_location == "meta":
                 return dict.fromkeys(names)
             return {k: handle.get_tensor(k) for k in names}
-    from transformers.modeling_utils import load_state_dict
-
-    state_dict = load_state_dict(path, map_location=map_location)
+    state_dict = torch.load(path, map_location=map_location, weights_only=True)
     return {k: v for k, v in state_dict.items() if keys is None or k in keys}
 
 
