@@ -8,11 +8,13 @@
     # only print the table of the runs done so far (markdown)
     python scripts/sift_glue_experiment.py --output_dir outputs/sift-glue --summary
 
-Each run is `scripts/run_glue.py` with the `tiny` preset from scratch (no pretraining), the official DeBERTa-v3
-SentencePiece vocabulary, and the same arguments in both arms except `--sift --sift_lambda L`. Runs with the same
-seed share the initial weights, the training subset and the data order, so the per-seed difference is paired.
-A run whose results.json exists is skipped: interrupting and restarting the driver resumes the experiment.
-The saved weights are deleted after each run (only the metrics are kept).
+Each run is `scripts/run_glue.py` (called in-process by `--parallel` worker processes, one thread each) with the
+`tiny` preset from scratch (no pretraining), the official DeBERTa-v3 SentencePiece vocabulary, 2 epochs, 64 tokens,
+the from-scratch recipe of configuration/glue/from_scratch.json, a random training subset per seed (TASKS), and the
+same arguments in both arms except `--sift --sift_lambda L`. Runs with the same seed share the initial weights, the
+training subset and the data order, so the per-seed difference is paired. SST-2 runs first (the one task a model
+this small learns from scratch here), then seed by seed the others. A run whose folder exists is skipped:
+restarting the driver resumes the experiment. The saved weights are deleted after each run.
 """
 
 from __future__ import annotations
