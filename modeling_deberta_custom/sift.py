@@ -267,7 +267,7 @@ def sift_loss(
                 perturbed = _predictions(model(**perturbed_inputs))
                 divergence = sum(ascent_loss(p, c.detach()).sum() for p, c in zip(perturbed, clean, strict=True))
                 delta = perturbation.delta
-                if delta is None or delta.grad_fn is not None or not divergence.requires_grad:
+                if delta is None or not divergence.requires_grad:
                     raise RuntimeError(f"SiFT: the perturbed module {type(perturbation.module).__name__} is not on the "
                                        "path from the inputs to the predictions")
                 # backward rather than autograd.grad: reentrant gradient checkpointing supports only the former.

@@ -8,11 +8,13 @@
     # only print the table of the runs done so far (markdown)
     python scripts/sift_glue_experiment.py --output_dir outputs/sift-glue --summary
 
-Each run is `scripts/run_glue.py` with the `tiny` preset from scratch (no pretraining), the official DeBERTa-v3
-SentencePiece vocabulary, and the same arguments in both arms except `--sift --sift_lambda L`. Runs with the same
-seed share the initial weights, the training subset and the data order, so the per-seed difference is paired.
-A run whose results.json exists is skipped: interrupting and restarting the driver resumes the experiment.
-The saved weights are deleted after each run (only the metrics are kept).
+Each run is `scripts/run_glue.py` (called in-process by `--parallel` worker processes, one thread each) with the
+`tiny` preset from scratch (no pretraining), the official DeBERTa-v3 SentencePiece vocabulary, 2 epochs, 64 tokens,
+the from-scratch recipe of configuration/glue/from_scratch.json, a random training subset per seed (TASKS), and the
+same arguments in both arms except `--sift --sift_lambda L`. Runs with the same seed share the initial weights, the
+training subset and the data order, so the per-seed difference is paired. SST-2 runs first (the one task a model
+this small learns from scratch here), then seed by seed the others. A run whose folder exists is skipped:
+restarting the driver resumes the experiment. The saved weights are deleted after each run.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = {  # task -> the official metric reported
-    "sst2": "accuracy",
-    "mrpc": "f1",
-    "rte": "accuracy",
-    "cola": "matthews_correlation",
-    "stsb": "pearson",
+TASKS = {  # task -> (the official metric reported, training examples per run: a random subset per seed)
+    "sst2": ("accuracy", 6000),
+    "mrpc": ("f1", 1000),
+    "rte": ("accuracy", 1000),
+    "cola": ("matthews_correlation", 1000),
+    "stsb": ("pearson", 1000),
 }
 
 
@@ -43,7 +45,9 @@ def run_directory(output_dir: Path, task: str, arm: str, seed: int) -> Path:
 
 def run_arguments(args, task: str, arm: str, seed: int, tokenizer: str) -> list[str]:
     argv = ["--task", task, "--data_dir", args.data_dir, "--model_preset", "tiny", "--tokenizer", tokenizer,
-            "--seed", str(seed), "--max_train_samples", str(args.max_train_samples),
+            "--seed", str(seed), "--max_train_samples", str(TASKS[task][1] if args.max_train_samples is None
+                                                             else args.max_train_samples),
+            "--max_predict_samples", "1",  # test splits are not used: do not tokenize them
             "--max_seq_length", str(args.max_seq_length), "--num_train_epochs", str(args.epochs),
             "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--torch_num_threads", "1",
             "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
@@ -64,8 +68,11 @@ def tokenizer_folder(args) -> str:
 
 
 def jobs(args) -> list[tuple[str, str, int]]:
-    """Seeds outermost, both arms of a (task, seed) together: an interrupted experiment leaves complete pairs."""
-    return [(task, arm, seed) for seed in args.seeds for task in args.tasks for arm in args.arms]
+    """SST-2 first, then seeds outermost; both arms of a (task, seed) together: an interrupted experiment leaves
+    complete pairs."""
+    first = [task for task in args.tasks if task == "sst2"]  # the one task a tiny model learns from scratch here
+    rest = [task for task in args.tasks if task != "sst2"]
+    return [(task, arm, seed) for tasks in (first, rest) for seed in args.seeds for task in tasks for arm in args.arms]
 
 
 def worker(args) -> None:
@@ -110,7 +117,7 @@ def summary(args) -> str:
              " sift_loss | time per run (without / with) |",
              "|---|---|---|---|---|---|---|---|"]
     for task in args.tasks:
-        metric = TASKS[task]
+        metric = TASKS[task][0]
         pairs, losses, seconds, examples = [], [], {"base": [], "sift": []}, None
         for seed in args.seeds:
             values = {}
@@ -149,10 +156,10 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=["base", "sift"], choices=["base", "sift"])
     parser.add_argument("--sift_lambda", type=float, default=5.0)
     parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=2, help="Runs at a time (each on one thread).")
-    parser.add_argument("--max_train_samples", type=int, default=1000,
-                        help="Training examples per run (a random subset, the same for both arms of a seed).")
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help="Training examples per run for every task (default: TASKS).")
     parser.add_argument("--summary", action="store_true", help="Only print the table of the finished runs.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -396,7 +396,7 @@ def train(tmp_path, callback=None, **arguments):
 
 
 def sift_callback():
-    return SiFTCallback(adv_weight=5.0, init_perturbation=0.5, step_size=0.1)
+    return SiFTCallback(adv_weight=5.0)
 
 
 def test_callback_changes_the_loss_and_the_model_learns(tmp_path):
@@ -454,6 +454,32 @@ def test_callback_with_training_options(tmp_path, arguments):
     assert logged and all(torch.isfinite(torch.tensor(value)) and value > 0 for value in logged)
     assert after < before
     assert not callback.installed and not model._forward_hooks
+
+
+def test_sift_loss_reaches_the_report_to_integrations(tmp_path):
+    """TensorBoard (a report_to integration, called before the callbacks given to the Trainer) writes sift_loss:
+    the callback moves itself ahead of the integrations. Read back from the event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    callback = sift_callback()
+    torch.manual_seed(0)
+    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=3,
+                             logging_steps=5, report_to="tensorboard", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
+    trainer.train()  # (an evaluate() after it would start a second event file)
+    order = [type(c) for c in trainer.callback_handler.callbacks]
+    assert order.index(DefaultFlowCallback) < order.index(SiFTCallback) < order.index(TensorBoardCallback)
+    events = [EventAccumulator(str(path.parent)).Reload() for path in tmp_path.glob("runs/**/events.out.tfevents.*")]
+    scalars = {tag: [e.value for e in run.Scalars(tag)] for run in events for tag in run.Tags()["scalars"]}
+    logged = [entry["sift_loss"] for entry in trainer.state.log_history if "sift_loss" in entry]
+    assert len(logged) == 2 and all(value > 0 for value in logged)
+    assert scalars["train/sift_loss"] == pytest.approx(logged, rel=1e-6)
+    assert scalars["train/train_sift_loss"] == pytest.approx([trainer.state.log_history[-1]["train_sift_loss"]])
 
 
 def test_callback_refuses_label_smoothing(tmp_path):
