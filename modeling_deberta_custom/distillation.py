@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from .sift import LABEL_ARGUMENTS
+from .sift import LABEL_ARGUMENTS, share_of_optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +382,7 @@ class DistillationCallback(TrainerCallback):
         total = self.alpha_kd * terms["kd"]
         for name in self.relations if self._recorders is not None else ():
             total = total + self.relation_weight * terms[f"relation_{name}"]
+        total = total * share_of_optimizer_step(inputs)  # under the Trainer's num_items_in_batch (see there)
         if loss is not None:
             terms["task"] = loss.detach()
             total = total + self.alpha_task * loss.float()

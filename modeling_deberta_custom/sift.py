@@ -57,6 +57,22 @@ logger = logging.getLogger(__name__)
 # Keyword arguments of our heads (and transformers') that only feed the task loss: the perturbed passes drop them.
 LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions")
 
+
+def share_of_optimizer_step(inputs: Mapping) -> torch.Tensor | float:
+    """Weight that turns a term averaged over this micro-batch into its share of the Trainer's loss.
+
+    For heads that accept `num_items_in_batch` (masked-LM, token classification, RTD) the Trainer passes the labelled
+    items of every micro-batch of the optimizer step (and of every process, when it averages tokens across devices)
+    and then neither divides the loss by the accumulation steps nor lets DDP's averaging shrink it: the head's loss is
+    already a sum over items divided by that count. A per-micro-batch mean added to it would count accumulation-steps
+    (x processes) times over; weighted by this micro-batch's labelled items over the step's count it enters as the
+    same weighted mean (exact when the term averages over the labelled items). 1 when no count is passed."""
+    num_items = inputs.get("num_items_in_batch")
+    labels = inputs.get("labels")
+    if num_items is None or labels is None:
+        return 1.0
+    return labels.ne(-100).sum() / num_items
+
 __all__ = [
     "symmetric_kl",
     "kl",
@@ -68,6 +84,7 @@ __all__ = [
     "find_perturbed_module",
     "sift_loss",
     "SiFTCallback",
+    "share_of_optimizer_step",
 ]
 
 
@@ -372,7 +389,7 @@ class SiFTCallback(TrainerCallback):
             adversarial = sift_loss(module, inputs, outputs, self.perturbation, **self.loss_settings)
         finally:
             self._inside = False
-        outputs["loss"] = loss + self.adv_weight * adversarial.to(loss.dtype)
+        outputs["loss"] = loss + self.adv_weight * share_of_optimizer_step(inputs) * adversarial.to(loss.dtype)
         for accumulator in (self._window, self._total):
             accumulator[0] = accumulator[0] + adversarial.detach().float()
             accumulator[1] += 1

@@ -82,3 +82,37 @@ def test_rtd_mlm_term_sums_over_the_whole_step():
     # the MLM terms of the two halves, weighted so, add up to the large batch's
     torch.testing.assert_close(sum(model(**half).mlm_loss * share for half, share in zip(halves, shares, strict=True)),
                                whole.mlm_loss)
+
+
+def test_distillation_under_accumulation_equals_one_large_batch(tmp_path):
+    """The distillation term (a mean over this micro-batch's real tokens) is weighted by the micro-batch's share of
+    num_items_in_batch, as the head's own loss: micro-batches of 3 and 12 real tokens give the large batch's
+    gradients. Added unweighted, it would count twice (the Trainer does not divide by the accumulation steps)."""
+    datasets = pytest.importorskip("datasets")
+    from modeling_deberta_custom.distillation import DistillationCallback
+
+    lengths = [2, 1, 12, 8]  # real tokens per row, every one labelled (the term's items are the labelled items)
+    input_ids, _ = random_batch(tiny_config().vocab_size, batch=4, length=12, pad_row=None)
+    attention_mask = torch.tensor([[1] * n + [0] * (12 - n) for n in lengths])
+    labels = torch.where(attention_mask.bool(), input_ids % 3, -100)
+    data = datasets.Dataset.from_dict(dict(input_ids=input_ids.tolist(), attention_mask=attention_mask.tolist(),
+                                           labels=labels.tolist()))
+    torch.manual_seed(1)
+    teacher = DebertaCustomForTokenClassification(tiny_config(num_labels=3))
+
+    def weights(folder, batch_size, accumulation):
+        torch.manual_seed(0)
+        model = DebertaCustomForTokenClassification(tiny_config(num_labels=3))
+        arguments = transformers.TrainingArguments(
+            output_dir=str(folder), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+            save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        )
+        callback = DistillationCallback(teacher, temperature=2.0, alpha_task=0.0, alpha_kd=1.0)
+        transformers.Trainer(model=model, args=arguments, train_dataset=data, callbacks=[callback]).train()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    large = weights(tmp_path / "large", batch_size=4, accumulation=1)
+    accumulated = weights(tmp_path / "accumulated", batch_size=2, accumulation=2)
+    for name, weight in large.items():
+        torch.testing.assert_close(accumulated[name], weight, rtol=0, atol=1e-5, msg=name)
