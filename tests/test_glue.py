@@ -315,4 +315,6 @@ def test_push_to_hub_writes_a_model_card_and_uploads(tmp_path, monkeypatch):
     again = run_glue.main(["--task", "stsb", "--data_dir", str(glue), "--model_name_or_path", str(output),
                            "--do_train", "False", "--output_dir", str(tmp_path / "reeval"), "--use_cpu", "True",
                            "--disable_tqdm", "True"])
-    assert again["eval"]["validation"]["eval_pearson"] == pytest.approx(pearson, abs=1e-6)
+    # (1e-4: the weights are equal, but matmuls on reloaded, differently aligned tensors may differ in the last bit,
+    # and the Pearson correlation of six nearly equal predictions of a 2-step model magnifies that to ~1e-5.)
+    assert again["eval"]["validation"]["eval_pearson"] == pytest.approx(pearson, abs=1e-4)
