@@ -437,3 +437,28 @@ def test_compile_fullgraph_inductor():
         with torch.no_grad():
             assert_close(compiled(input_ids, attention_mask).last_hidden_state,
                          model(input_ids, attention_mask).last_hidden_state, f"inductor output at length {length}")
+
+
+def test_compiled_training_step_compiles_once_across_lengths():
+    """A classifier training step under torch.compile(fullgraph=True, dynamic=True) makes one graph for lengths on
+    both sides of the bucket range (4) and of max_position (64): relative positions and the attention path branch
+    on no length while compiling (issue 10: it was one graph per layout). Dynamo's frame count is what compiling
+    costs; the eager backend skips AOT tracing, which does not change how many frames dynamo compiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    from modeling_deberta_custom import DebertaCustomForSequenceClassification
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=3)).train()
+    counter = CompileCounter()
+
+    def loss_of(input_ids, attention_mask, labels):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=True, backend=counter)
+    for length in (4, 12, 40, 70, 100):
+        input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=length)
+        compiled(input_ids, attention_mask, torch.tensor([0, 2])).backward()
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations over 5 lengths"
+    torch._dynamo.reset()
