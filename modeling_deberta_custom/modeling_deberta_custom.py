@@ -181,8 +181,9 @@ def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, s
 
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
     """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
-    once per layer, one SDPA call (flash / memory-efficient kernels on GPU). On CPU, run eagerly, the same values
-    come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No probabilities."""
+    once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
+    the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
+    probabilities."""
     dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
