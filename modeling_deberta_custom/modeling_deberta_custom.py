@@ -36,6 +36,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 
+from .attention_cpu import FarDistances, cpu_kernels_apply, cpu_sdpa_attention, far_distances, one_row_per_distance
 from .configuration_deberta_custom import DebertaCustomConfig
 from .convert import (
     CHECKPOINT_KEY_MAPPING,
@@ -88,34 +89,24 @@ def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: in
     return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
 
 
-class FarDistances(NamedTuple):
-    """Every distance d <= low reads table row low_row, every d >= high reads high_row: the outermost buckets, and
-    distances past the table, which clamp to its last rows."""
-
-    low: int
-    low_row: int
-    high: int
-    high_row: int
-
-
 class RelativePositions(NamedTuple):
     """Relative positions of a query sequence against a key sequence, prepared once per forward for every layer.
 
-    Scores depend on query i and key j only through the distance d = i - j, so positions are kept per distance:
-    `rows[d + Nk - 1]` is the row of the relative embedding table that distance d reads, for d from -(Nk - 1) up to
-    Nq - 1 ([Nq + Nk - 1]). Only rows [first_row, first_row + num_rows) of the table are ever read, and `rows` counts
-    from first_row: the attention layers project only that slice. `one_row_per_distance` is True when
-    rows == arange(num_rows) (no bucket merges two distances, none is clamped: sequences up to position_buckets / 2):
-    the projected slice is then already laid out by distance. Otherwise `index` [Nq, Nk] holds the row of every
-    pair (rows[i - j + Nk - 1]) for the gathers, and `flat_index` [Nq, Nk] = index * Nk + j the place of pair
-    (i, j) in [R, Nk] products flattened (the fast path's p2c gather). `far` (FarDistances, when known) marks the
-    distances at both ends that share one row, so that pairs that far apart need no gather."""
+    Scores depend on query i and key j only through the distance d = i - j: `rows[d + Nk - 1]` is the row of the
+    relative embedding table that distance d reads, for d from -(Nk - 1) up to Nq - 1 ([Nq + Nk - 1]), counted from
+    `first_row`; the attention layers project only the table rows [first_row, first_row + num_rows). `index`
+    [Nq, Nk] holds the row of every pair (rows[i - j + Nk - 1]) for the gathers.
+
+    Everywhere but eager CPU runs the whole table is read (first_row 0, num_rows 2S). On CPU, attention_cpu.py adds
+    its layouts: `one_row_per_distance` (short sequences: no bucket merges two distances, rows == arange, only those
+    rows projected, index None), `flat_index` (index * Nk + j) and `far` (the distances at both ends that share one
+    row)."""
 
     rows: torch.Tensor
     first_row: int
     num_rows: int
-    one_row_per_distance: bool
     index: torch.Tensor | None = None
+    one_row_per_distance: bool = False
     flat_index: torch.Tensor | None = None
     far: FarDistances | None = None
 
@@ -143,345 +134,80 @@ def relative_position_index(query_length: int, key_length: int, config: DebertaC
     return pair_index(rows, query_length, key_length)
 
 
-def _exporting() -> bool:
-    """True while torch.export or the TorchScript ONNX exporter traces the model: the graph must serve every length,
-    so the length-dependent shortcuts (_one_row_per_distance, uses_distance_layout) are not taken; the general path
-    gives the same values at every length. (torch < 2.7 has no is_exporting: is_compiling covers export there.)"""
-    return torch.jit.is_tracing() or getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)()
-
-
-def _one_row_per_distance(query_length: int, key_length: int, config: DebertaCustomConfig) -> bool:
-    """True when every distance reads a row of its own: |d| up to position_buckets // 2 stays as it is in the log
-    buckets, and up to S - 1 nothing is clamped. Decided on Python ints, so it costs no host sync."""
-    if _exporting():
-        return False
-    longest = max(query_length, key_length) - 1
-    limit = config.position_buckets // 2 if config.position_buckets > 0 else config.relative_span - 1
-    return longest <= limit
-
-
-# The fast path lays the position products out by distance (N x (Nq + Nk - 1) products, then strided views, no
-# gather) or by table row (N x R products, then one gather per term). Measured on CPU (scripts/benchmark.py): when
-# every distance has a row of its own the two cost the same products and the distance layout saves the gathers;
-# otherwise gathering is faster for inference, but torch.gather keeps its [N, R] input for backward, so training
-# stays with the distance layout while there are at most this many distances per table row (sequences up to about
-# 1000 tokens with 256 buckets), which keeps no tensor larger than the projections for backward.
-DISTANCE_LAYOUT_MAX_RATIO_TRAINING = 2
-
-
-def uses_distance_layout(relative: RelativePositions, query_length: int, key_length: int, for_backward: bool) -> bool:
-    if _exporting():
-        return False
-    if relative.one_row_per_distance:
-        return True
-    return for_backward and query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO_TRAINING * relative.num_rows
-
-
 def relative_positions(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> RelativePositions:
     """Everything the attention layers need about relative positions (see RelativePositions); computed once per
-    forward from the lengths, so that no layer repeats it."""
-    if _one_row_per_distance(query_length, key_length, config):
-        first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
+    forward from the lengths, so that no layer repeats it. Only Python ints decide the branches: no host sync, and
+    under torch.compile one graph serves every length."""
+    cpu_layouts = cpu_kernels_apply(device)
+    if cpu_layouts and one_row_per_distance(query_length, key_length, config):
         num_rows = query_length + key_length - 1
-        return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows, True)
+        first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
+        return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows, one_row_per_distance=True)
     rows = relative_distance_rows(query_length, key_length, config, device)
     index = pair_index(rows, query_length, key_length)
+    relative = RelativePositions(rows, 0, 2 * config.relative_span, index)
+    if not cpu_layouts:
+        return relative
     flat_index = index * key_length + torch.arange(key_length, device=device)
-    far = None
-    if not (_exporting() or torch.compiler.is_compiling()):  # read on the host: no device sync, no graph break
-        host_rows = rows if rows.device.type == "cpu" else relative_distance_rows(query_length, key_length, config, "cpu")
-        # rows grow with the distance: count the runs of equal rows at both ends
-        low = int((host_rows == host_rows[0]).sum()) - 1 - (key_length - 1)
-        high = query_length - 1 - (int((host_rows == host_rows[-1]).sum()) - 1)
-        far = FarDistances(low, int(host_rows[0]), high, int(host_rows[-1]))
-    return RelativePositions(rows, 0, 2 * config.relative_span, False, index, flat_index, far)
+    return relative._replace(flat_index=flat_index, far=far_distances(rows, query_length, key_length))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Disentangled attention
+#
+# Every implementation takes (query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training) and
+# returns (context [B, H, Nq, D], probabilities or None); DebertaCustomSelfAttention picks one from
+# ATTENTION_FUNCTIONS by config._attn_implementation. Speed tricks measured on CPU live in attention_cpu.py.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Reference path, the scores as the paper writes them. query [B, H, Nq, D]; key, value [B, H, Nk, D]; pos_key
-    (c2p) and pos_query (p2c) [H, R, D] or None: the projected rows of the relative table that `relative` reads;
-    key_mask [B, 1, 1, Nk] (True = attend). Each term is scaled before the sum, which keeps half precision in range.
-    Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+def position_scores(query, key, pos_key, pos_query, relative, scale):
+    """c2p + p2c for every (query, key) pair, each term scaled before the sum (which keeps half precision in range):
+    [B, H, Nq, Nk], or None without position terms. query [B, H, Nq, D]; key [B, H, Nk, D]; pos_key (c2p) and
+    pos_query (p2c) [H, R, D] or None: the projected rows of the relative table that `relative` reads."""
     batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    query = query * scale
-    scores = torch.matmul(query, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
-    if pos_key is not None or pos_query is not None:
-        index = pair_index(relative.rows, query_length, key_length)  # [Nq, Nk]: the table row of each pair
+    if pos_key is None and pos_query is None:
+        return None
+    index = relative.index if relative.index is not None else pair_index(relative.rows, query_length, key_length)
+    scores = 0
     if pos_key is not None:  # c2p[i, j] = Q_i . K_r[index[i, j]]
-        c2p_table = torch.matmul(query, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
+        c2p_table = torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
         scores = scores + torch.gather(c2p_table, -1, index.expand(batch, heads, query_length, key_length))
     if pos_query is not None:  # p2c[i, j] = K_j . Q_r[index[i, j]]: gathered along the keys' rows, then transposed
         p2c_table = torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
         index_t = index.transpose(0, 1).expand(batch, heads, key_length, query_length)
         scores = scores + torch.gather(p2c_table, -1, index_t).transpose(-1, -2)
+    return scores
+
+
+def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V. key_mask
+    [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
+    position = position_scores(query, key, pos_key, pos_query, relative, scale)
+    if position is not None:
+        scores = scores + position
     scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, value), probs
 
 
-def _diagonals(by_distance: torch.Tensor, columns: int) -> torch.Tensor:
-    """[..., M, L] -> [..., M, K] view (K = columns <= L - M + 1) with out[m, k] = by_distance[m, k - m + M - 1]:
-    each row of the result starts one column further left in the source, so a table over (row, distance) becomes a
-    matrix over (row, column) pairs. No copy: flattened, the wanted entries sit at m * (L - 1) + k + M - 1, so
-    dropping the first M - 1 values and re-reading rows of L - 1 lines them up."""
-    rows, length = by_distance.shape[-2:]
-    if rows == 1:  # a single row reads itself (the slicing below needs L - 1 >= K, i.e. M >= 2)
-        return by_distance[..., :columns]
-    flat = by_distance.contiguous().flatten(-2)  # [..., M * L]
-    return flat[..., rows - 1:rows - 1 + rows * (length - 1)].unflatten(-1, (rows, length - 1))[..., :columns]
-
-
-def key_bias_of(key_mask, dtype):
-    """[B, 1, 1, Nk] bool -> [B, Nk]: 0 for keys to attend, half the dtype's minimum for masked ones (it stays
-    finite in half precision once the position terms are added)."""
-    batch, key_length = key_mask.shape[0], key_mask.shape[-1]
-    key_bias = torch.zeros(batch, key_length, dtype=dtype, device=key_mask.device)
-    return key_bias.masked_fill(~key_mask.reshape(batch, key_length), torch.finfo(dtype).min / 2)
-
-
-def _table_operand(table, scale):
-    """[H, W, D] -> scaled [H, D, W'] contiguous, W' = W rounded up to a multiple of 16 with zero columns."""
-    operand = (table.transpose(-1, -2) * scale).contiguous()
-    width = operand.shape[-1]
-    return operand if width % 16 == 0 else F.pad(operand, (0, 16 - width % 16))
-
-
-def position_tables(pos_key, pos_query, relative, by_distance, c2p_scale, p2c_scale):
-    """The projected relative rows as matrix-product operands, scaled (c2p's by c2p_scale, p2c's by p2c_scale):
-    (c2p table [H, D, W], p2c table), each None when its term is off. By distance the W columns are the table rows of
-    the distances (c2p: d = Nq - 1 down to -(Nk - 1); p2c: d = -(Nk - 1) up to Nq - 1) and the p2c table is
-    [H, D, W] too; by table row W = R and the p2c table is [H, R, D]. Operands are contiguous and padded to a multiple
-    of 16 columns (CPU GEMMs take twice as long on an odd width; the extra columns are never read)."""
-    key_table = query_table = None
-    if pos_key is not None:
-        if by_distance:
-            pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
-        key_table = _table_operand(pos_key, c2p_scale)
-    if pos_query is not None:
-        if by_distance:
-            pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
-            query_table = _table_operand(pos_query, p2c_scale)
-        else:
-            query_table = pos_query * p2c_scale
-    return key_table, query_table
-
-
-def position_products(query, key, tables, key_bias, by_distance):
-    """The fast path's position products, heads-major, each None when its term is off:
-
-    - by distance: c2p [H, B, Nq, W] (row i, column c <-> d = Nq - 1 - c) and p2c [H, B, Nk, W] (row j, column
-      c <-> d = c - (Nk - 1));
-    - by table row: c2p [H, B, Nq, R] = Q_c K_r^T and p2c [H, B, R, Nk] = Q_r K_c^T (keys last, so that the gather
-      of position_bias lands p2c in the same [query, key] layout as c2p).
-
-    The key bias [B, Nk] is added along p2c's keys, so that masking costs no pass over [Nq, Nk]. The products run
-    heads-major ([H, B * N, D] views of the [B, N, H * D] projections, no copy), so each head is one plain matrix
-    product with its table and no table is copied per batch entry."""
-    key_table, query_table = tables
-    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    c2p = p2c = None
-    if key_table is not None:
-        query = query.transpose(0, 1).flatten(1, 2)  # [H, B * Nq, D]
-        c2p = torch.bmm(query, key_table).view(heads, batch, query_length, key_table.shape[-1])
-    if query_table is not None:
-        if by_distance:
-            key = key.transpose(0, 1).flatten(1, 2)  # [H, B * Nk, D]
-            p2c = torch.bmm(key, query_table).view(heads, batch, key_length, query_table.shape[-1])
-            p2c = p2c.add_(key_bias[:, :, None])  # in place: the product's backward does not need its result
-        else:
-            p2c = torch.matmul(query_table[:, None], key.transpose(0, 1).transpose(-1, -2))  # [H, B, R, Nk]
-            p2c = p2c.add_(key_bias[:, None, :])
-    return c2p, p2c
-
-
-def _gathered_keys(far, start, stop, key_length):
-    """The keys [first, stop) that some query in rows [start, stop) reaches through a row of its own: keys before
-    `first` are at distance >= far.high from every one of those queries, keys from `stop` on at <= far.low."""
-    if far is None:
-        return 0, key_length
-    first = min(max(start - far.high + 1, 0), key_length)
-    return first, min(max(stop - 1 - far.low, first), key_length)
-
-
-def _far_scores(c2p, p2c, key_bias, row, start, stop, keys):
-    """c2p + p2c (with the key bias) of query rows [start, stop) against `keys`, where every pair reads table row
-    `row`: c2p is then constant along the keys and p2c along the queries. [H, B, rows, len(keys)]."""
-    scores = p2c[:, :, row, None, keys] if p2c is not None else key_bias[:, None, keys]  # [H, B, 1, K] or [B, 1, K]
-    if c2p is not None:
-        scores = c2p[:, :, start:stop, row, None] + scores
-    heads, batch = (c2p if c2p is not None else p2c).shape[:2]
-    return scores.expand(heads, batch, stop - start, scores.shape[-1])
-
-
-def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start, stop):
-    """Query rows [start, stop) of c2p + p2c with masked keys at a large negative value: the additive mask
-    [B, H, stop - start, Nk] that SDPA reads (a view of a heads-major tensor, which it takes as it is).
-
-    By distance, c2p[i, j] sits at column j - i + Nq - 1 of row i, so c2p is a strided view of the products
-    (_diagonals, no gather), and p2c likewise along the keys; one add writes the result. By table row, c2p gathers
-    along the rows of its products, and p2c from its products flattened (p2c[i, j] = p2c_products[index[i, j], j]
-    at flat_index[i, j]), so that both come out in [query, key] order and the add reads them in order (reading p2c
-    transposed would cost as much as both gathers together); keys that every query of the block sees from beyond
-    the table's reach (relative.far) take one row of each term, broadcast, instead of a gather."""
-    key_length = key_bias.shape[-1]
-    if by_distance:
-        if c2p is not None:
-            c2p = _diagonals(c2p, key_length)[:, :, start:stop]  # [H, B, rows, Nk]
-        if p2c is not None:
-            p2c = _diagonals(p2c, query_length)[..., start:stop].transpose(-1, -2)  # [H, B, rows, Nk]
-        if c2p is not None and p2c is not None:
-            return (c2p + p2c).transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
-    else:
-        first_key, stop_key = _gathered_keys(relative.far, start, stop, key_length)
-        band = slice(first_key, stop_key)
-        heads, batch = (c2p if c2p is not None else p2c).shape[:2]
-        rows, width = stop - start, stop_key - first_key
-        gathered = key_bias[:, None, band]  # [B, 1, width]: the mask alone while p2c (which carries it) is off
-        if p2c is not None:
-            index = relative.flat_index[start:stop, band].reshape(1, 1, rows * width).expand(heads, batch, -1)
-            gathered = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, width)
-        if c2p is not None:
-            index = relative.index[start:stop, band].expand(heads, batch, rows, width)
-            # in place: the gather's backward does not need its result
-            gathered = torch.gather(c2p[:, :, start:stop], -1, index).add_(gathered)
-        if width == key_length:
-            return gathered.transpose(0, 1)
-        # Keys left of the band are so far behind every query of the block that they all read far.high_row, keys
-        # right of it all read far.low_row: one row of each term, broadcast.
-        left = _far_scores(c2p, p2c, key_bias, relative.far.high_row, start, stop, slice(0, first_key))
-        right = _far_scores(c2p, p2c, key_bias, relative.far.low_row, start, stop, slice(stop_key, None))
-        return torch.cat([left, gathered, right], dim=-1).transpose(0, 1)
-    if c2p is None:
-        return p2c.contiguous().transpose(0, 1)
-    return (c2p + key_bias[:, None, :]).transpose(0, 1)
-
-
-def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale):
-    """c2p + p2c for every pair, scaled, masked keys at a large negative value: [B, H, Nq, Nk]. The same values as
-    eager_attention's position terms, built without [Nq, Nk] intermediates (position_products, position_bias)."""
-    query_length = query.shape[-2]
-    by_distance = uses_distance_layout(relative, query_length, key.shape[-2], _needs_backward(query, key, pos_key,
-                                                                                              pos_query))
-    key_bias = key_bias_of(key_mask, query.dtype)
-    tables = position_tables(pos_key, pos_query, relative, by_distance, scale, scale)
-    c2p, p2c = position_products(query, key, tables, key_bias, by_distance)
-    return position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
-
-
-def _needs_backward(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-# The fast path works through heads in groups (and, for inference, through the query rows of long sequences in
-# blocks) so that the position products and the additive mask of one tile stay near this many elements (128 MiB in
-# fp32): transient memory then grows with N x N only per tile. Up to 512 tokens (and batch 2) a layer is one tile:
-# every tile costs a dozen kernel launches, and on a machine whose cores are shared each parallel region waits for
-# its slowest thread (measured on the 2-core benchmark VM: 2-3x slower with 16 MiB tiles). Smaller tiles can win on
-# an idle machine, where they stay in cache and the allocator recycles their memory instead of mapping fresh pages
-# (~1 ms per MiB of page faults on that VM).
-TILE_ELEMENTS = 1 << 25
-MIN_BLOCK_ROWS = 256  # SDPA slows down on shorter query blocks
-
-
-def _attention_tiles(batch, heads, query_length, key_length, width, for_backward, far=None):
-    """(heads per group, query rows per block) for the fast path: groups of equal size whose products
-    ([Nq + Nk, W] per head) and additive mask ([rows, Nk] per head) stay within TILE_ELEMENTS. For inference with
-    keys beyond the table's reach (`far`, gathered layout), blocks of MIN_BLOCK_ROWS rows: each then gathers only the
-    keys within its reach (_gathered_keys) and broadcasts the rest. One tile while compiling or tracing, where the
-    compiler plans memory itself."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return heads, query_length
-    products = batch * (query_length + key_length) * width  # per head
-    mask = batch * query_length * key_length  # per head, all rows
-    groups = -(-heads * (products + mask) // TILE_ELEMENTS)  # ceil
-    heads_per_group = -(-heads // min(max(groups, 1), heads))
-    rows_per_block = query_length
-    if heads_per_group == 1 and products + mask > TILE_ELEMENTS and not for_backward:
-        rows_per_block = max(MIN_BLOCK_ROWS, (TILE_ELEMENTS - products) // (batch * key_length))
-    if not for_backward and far is not None and MIN_BLOCK_ROWS + far.high - far.low - 2 < key_length:
-        rows_per_block = min(rows_per_block, MIN_BLOCK_ROWS)  # a block's gathered keys: rows + high - low - 2
-    return heads_per_group, rows_per_block
-
-
-def _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale, dropout, by_distance):
-    """Training on CPU. There SDPA computes a mask that needs a gradient (or dropout) with its math fallback, which
-    keeps contiguous copies of the scaled query and key for backward and takes the mask as a separate tensor. The
-    same math written out here runs one head at a time: the scores, the position products and the context of a head
-    are plain matrix products of [B, N, D] slices of the projections (no copies kept for backward), the position
-    terms are added into the scores in place, and each head's tensors stay small enough for the allocator to
-    recycle (see TILE_ELEMENTS), backward included. Returns [B, H, Nq, D] (a view of [B, Nq, H, D])."""
-    query_length = query.shape[-2]
-    tables = position_tables(pos_key, pos_query, relative, by_distance, 1.0, scale)  # the query is scaled below
-    # unbind rather than index per head: its backward stacks the heads' gradients once, where indexing would fill a
-    # zero tensor of the whole projection for every head and add them up.
-    queries, keys, values = (query * scale).unbind(1), key.unbind(1), value.unbind(1)  # H x [B, N, D]
-    tables = [None if table is None else table.unbind(0) for table in tables]  # H x table of one head
-    # Dropout draws its noise for all heads at once, in [B, H, Nq, Nk] order and scaled as torch's CPU dropout does
-    # it inside SDPA: under reentrant gradient checkpointing the forward runs without grad (through SDPA) and the
-    # recomputation for backward runs here, and both must drop the same probabilities.
-    keep = None
-    if dropout > 0:
-        keep = torch.empty(*query.shape[:3], key.shape[-2], dtype=query.dtype, device=query.device)
-        keep = keep.bernoulli_(1 - dropout).div_(1 - dropout)
-    contexts = []
-    for head in range(len(queries)):
-        head_tables = tuple(None if table is None else table[head][None] for table in tables)
-        c2p, p2c = position_products(queries[head][:, None], keys[head][:, None], head_tables, key_bias, by_distance)
-        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)[:, 0]
-        scores = torch.matmul(queries[head], keys[head].transpose(-1, -2))  # [B, Nq, Nk]
-        scores = scores.add_(bias)  # in place: the product's backward does not need its result
-        probs = torch.softmax(scores, dim=-1)
-        if keep is not None:
-            probs = probs * keep[:, head]
-        contexts.append(torch.matmul(probs, values[head]))  # [B, Nq, D]
-    return torch.stack(contexts, dim=2).transpose(1, 2)
-
-
 def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Fast path: torch's fused scaled_dot_product_attention with the position terms as its additive mask, built
-    from the position products (position_products, position_bias) one tile of heads and query rows at a time (see
-    TILE_ELEMENTS). Does not return probabilities."""
+    """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
+    once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
+    the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
+    probabilities."""
     dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
                                               scale=scale), None
-    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    for_backward = _needs_backward(query, key, pos_key, pos_query)
-    by_distance = uses_distance_layout(relative, query_length, key_length, for_backward)
-    width = query_length + key_length - 1 if by_distance else relative.num_rows
-    far = None if by_distance else relative.far  # only gathers skip far keys
-    heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, for_backward,
-                                                       far)
-    key_bias = key_bias_of(key_mask, query.dtype)
-    if for_backward and query.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale,
-                                       dropout, by_distance), None
-    tables = position_tables(pos_key, pos_query, relative, by_distance, scale, scale)
-    if heads_per_group == heads and rows_per_block >= query_length:  # a single tile
-        c2p, p2c = position_products(query, key, tables, key_bias, by_distance)
-        bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, 0, query_length)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
-    groups = []
-    for first in range(0, heads, heads_per_group):
-        group = slice(first, first + heads_per_group)
-        group_tables = tuple(None if table is None else table[group] for table in tables)
-        c2p, p2c = position_products(query[:, group], key[:, group], group_tables, key_bias, by_distance)
-        blocks = []
-        for start in range(0, query_length, rows_per_block):
-            stop = min(start + rows_per_block, query_length)
-            bias = position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start, stop)
-            context = F.scaled_dot_product_attention(query[:, group, start:stop], key[:, group], value[:, group],
-                                                     attn_mask=bias, dropout_p=dropout, scale=scale)
-            blocks.append(context.transpose(1, 2))  # [B, rows, heads in group, D]
-        groups.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
-    # Concatenated as [B, Nq, H, D], so that the caller's transpose back to [B, N, H * D] is a view, not a copy.
-    return torch.cat(groups, dim=2).transpose(1, 2), None
+    if cpu_kernels_apply(query.device):
+        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout,
+                                  training), None
+    bias = position_scores(query, key, pos_key, pos_query, relative, scale)  # [B, H, Nq, Nk]
+    bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
 
 
 def _flex_attention_uncompiled():
@@ -490,49 +216,101 @@ def _flex_attention_uncompiled():
     return flex_attention
 
 
+# FlexAttention's key-block size: a block whose keys are all padding is skipped, one with no padding takes the fast
+# unmasked kernel, the rest apply the key mask element by element.
+FLEX_BLOCK_SIZE = 128
+
+
 @functools.cache
-def _compiled_flex_attention():
-    """torch's flex_attention compiled once for the process (FlexAttention runs unfused, materialising every score,
-    unless compiled). Shapes stay static: inductor's CPU kernel for dynamic shapes fails to build in torch 2.13, so
-    each new sequence length compiles anew (a few seconds)."""
-    return torch.compile(_flex_attention_uncompiled(), dynamic=False)
+def _compiled_flex_attention(dynamic: bool):
+    """torch's flex_attention compiled once per process (FlexAttention runs unfused, materialising every score,
+    unless compiled). dynamic=None on GPU: after the first shape one graph serves every batch size and length.
+    Static shapes on CPU, where inductor's flex kernel cannot take dynamic shapes (torch 2.13.0: see
+    FLEX_STATIC_ON_CPU)."""
+    return torch.compile(_flex_attention_uncompiled(), dynamic=None if dynamic else False)
+
+
+# Measured with torch 2.13.0 on CPU: torch.compile(flex_attention, dynamic=True) fails to build inductor's CPU kernel
+# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew (a few seconds) and dynamo's recompile limit applies.
+FLEX_STATIC_ON_CPU = True
+
+
+def padding_block_mask(key_mask, query_length):
+    """FlexAttention BlockMask for key padding, built from [B, Nk] per-block counts (no [Nq, Nk] tensor, no host
+    read): key blocks with no real token are skipped, blocks with no padding need no mask_mod, the others apply
+    the key mask. Every query block sees the same key blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, key_length = key_mask.shape[0], key_mask.shape[-1]
+    keys = key_mask.reshape(batch, key_length)
+    key_blocks, query_blocks = -(-key_length // FLEX_BLOCK_SIZE), -(-query_length // FLEX_BLOCK_SIZE)
+    blocks = F.pad(keys, (0, key_blocks * FLEX_BLOCK_SIZE - key_length)).view(batch, key_blocks, FLEX_BLOCK_SIZE)
+    full = blocks.all(-1)  # [B, key blocks]
+    partial = blocks.any(-1) & ~full  # (the last block is partial when Nk is no multiple of the block size)
+    keys = blocks.flatten(1)  # [B, key blocks * block size]: the kernel also visits the last block's padding
+
+    def counts_and_indices(selected):  # [B, key blocks] -> [B, 1, Q blocks], [B, 1, Q blocks, key blocks] int32
+        count = selected.sum(-1, dtype=torch.int32)[:, None, None].expand(batch, 1, query_blocks)
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return count.contiguous(), order[:, None, None, :].expand(batch, 1, query_blocks, key_blocks).contiguous()
+
+    def is_real_key(b, h, q_idx, kv_idx):
+        return keys[b, kv_idx]
+
+    return BlockMask.from_kv_blocks(*counts_and_indices(partial), *counts_and_indices(full),
+                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=is_real_key,
+                                    seq_lengths=(query_length, key_length))
 
 
 def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Fused path: torch's FlexAttention, which computes the content scores block by block and adds the position
-    terms inside the kernel (score_mod), reading them from the compact products of position_products by table row:
-    c2p [H, B, Nq, R] and p2c [H, B, R, Nk]. No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
-    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients).
-    FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training needs
-    attention_probs_dropout_prob=0 and a GPU. Compiled on first use per shape; inside torch.compile it joins the
-    caller's graph. Does not return probabilities."""
+    """Fused path: torch's FlexAttention computes the content scores block by block and adds the position terms
+    inside the kernel (score_mod), read from the compact products c2p [B, H, Nq, R] and p2c [B, H, Nk, R]; padding
+    is a block mask (padding_block_mask). No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
+    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients, since
+    torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
+    needs attention_probs_dropout_prob=0 and a GPU. Inside torch.compile it joins the caller's graph; outside it runs
+    compiled on its own. No probabilities."""
     if training and dropout > 0:
         raise ValueError(
             f"attn_implementation='flex_attention' has no attention dropout, but attention_probs_dropout_prob is "
             f"{dropout}: set it to 0.0 in the config to train with this path, or use 'sdpa' (inference in eval() "
             "mode is unaffected)"
         )
-    if query.device.type == "cpu" and _needs_backward(query, key, value, pos_key, pos_query):
+    needs_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (query, key, value, pos_key, pos_query))
+    if query.device.type == "cpu" and needs_backward:
         raise NotImplementedError(
             "attn_implementation='flex_attention' cannot train on CPU: torch has no FlexAttention backward there. "
             "Use 'sdpa' (the default) for CPU training, or run under torch.no_grad()/inference_mode()"
         )
-    key_bias = key_bias_of(key_mask, query.dtype)  # [B, Nk]
-    tables = position_tables(pos_key, pos_query, relative, False, scale, scale)
-    c2p, p2c = position_products(query, key, tables, key_bias, by_distance=False)  # p2c includes the key bias
-    offset = key.shape[-2] - 1  # relative.rows[i - j + offset]: the table row of the pair (i, j)
+    c2p = None if pos_key is None else torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
+    p2c = None if pos_query is None else torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
+    query_length, key_length = query.shape[-2], key.shape[-2]
+    rows = None if relative is None else relative.rows
 
     def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
-        if c2p is None and p2c is None:  # relative attention off
-            return score + key_bias[batch, j]
-        row = relative.rows[i - j + offset]
+        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
+        # its reads inside the tensors.
+        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
+        row = rows[i - j + key_length - 1]
         if c2p is not None:
-            score = score + c2p[head, batch, i, row]
-        return score + (p2c[head, batch, row, j] if p2c is not None else key_bias[batch, j])
+            score = score + c2p[batch, head, i, row]
+        return score if p2c is None else score + p2c[batch, head, j, row]
 
-    # Inside torch.compile the caller's graph takes FlexAttention in; outside, it runs compiled on its own.
-    flex_attention = _flex_attention_uncompiled() if torch.compiler.is_compiling() else _compiled_flex_attention()
-    return flex_attention(query, key, value, score_mod=add_position_scores, scale=scale), None
+    score_mod = None if c2p is None and p2c is None else add_position_scores
+    if query.device.type == "cpu":
+        # torch 2.13.0's CPU kernel reads past the end of a partial last block (measured: wrong or NaN outputs at
+        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
+        query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
+        key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
+        key_mask = F.pad(key_mask, (0, -key_length % FLEX_BLOCK_SIZE))  # padded keys: False, never attended
+    block_mask = padding_block_mask(key_mask, query.shape[-2])
+    if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
+        flex_attention = _flex_attention_uncompiled()
+    else:
+        flex_attention = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
+    context = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return context[:, :, :query_length], None
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention_path}

@@ -440,7 +440,11 @@ def main(argv=None):
     torch.set_default_dtype(torch.float32)
 
     if args.memory_json is None:
-        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        import transformers
+
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+        print(f"{device_name} ({os.cpu_count()} cores visible), torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
               f"clock {args.clock}, dtype {args.dtype}, repeats {args.repeats}, warmup {args.warmup}", flush=True)
     results = []
     run_mode("forward", args.forward_shapes, models, optimizers, args, results)

@@ -1,13 +1,16 @@
 """The attention implementations agree with the eager reference, and the fast path keeps its promises.
 
-- `sdpa` (the default: position terms built by `disentangled_bias`, then torch's fused attention) matches `eager`
-  to 1e-5 in fp32, forward and gradients, in every layout it uses: one table row per distance (short sequences),
+- `sdpa` (the default) matches `eager` to 1e-5 in fp32, forward and gradients, on both of its paths: the plain one
+  every device but eager CPU takes (one position bias, one SDPA call; run here with the CPU kernels switched off),
+  and the CPU one (attention_cpu.py) in every layout it uses: one table row per distance (short sequences),
   bucketed rows laid out by distance, and gathers by table row (long sequences, past the bucket range and past
   max_position), for shared / separate position projections, c2p-only / p2c-only, DeBERTa-v1's fused projection,
   padded batches and the Enhanced Mask Decoder's query_states.
 - Its building blocks (`_diagonals`, `relative_positions`) match their definitions, including Nq != Nk.
 - Half precision stays finite where an unscaled sum of the position terms would overflow fp16.
 - Inference stays on SDPA's flash kernel; training saves no [B, H, N, N] tensor beyond what SDPA itself saves.
+- Reentrant gradient checkpointing recomputes the same forward (the kernel depends on device and module.training,
+  never on grad mode).
 - `torch.compile(fullgraph=True)` traces the model without graph breaks (forward and backward).
 """
 
@@ -17,15 +20,15 @@ import torch
 from conftest import perturb_parameters, random_batch, tiny_config
 from torch.profiler import profile
 
-from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel
+from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention_cpu
+from modeling_deberta_custom import modeling_deberta_custom as modeling
+from modeling_deberta_custom.attention_cpu import _diagonals, disentangled_bias, uses_distance_layout
 from modeling_deberta_custom.modeling_deberta_custom import (
-    _diagonals,
-    disentangled_bias,
     eager_attention,
+    position_scores,
     relative_position_index,
     relative_positions,
     sdpa_attention,
-    uses_distance_layout,
 )
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -90,9 +93,17 @@ def compare_paths(models, inputs, output_key="last_hidden_state"):
         assert_close(getattr(models["sdpa"](**inputs), output_key), expected, "output without grad")
 
 
+def plain_path_everywhere(monkeypatch):
+    """Run the path every device but eager CPU takes (GPUs, torch.compile, export) on CPU tensors."""
+    monkeypatch.setattr(modeling, "cpu_kernels_apply", lambda device: False)
+
+
+@pytest.mark.parametrize("path", ["cpu", "plain"])
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_sdpa_matches_eager_forward_and_gradients(case, length):
+def test_sdpa_matches_eager_forward_and_gradients(monkeypatch, case, length, path):
+    if path == "plain":
+        plain_path_everywhere(monkeypatch)
     models = model_pair(**CONFIGS[case])
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
@@ -105,7 +116,7 @@ def test_lengths_exercise_every_layout():
     for length in LENGTHS:
         relative = relative_positions(length, length, config, "cpu")
         layouts.append("one row per distance" if relative.one_row_per_distance
-                       else "by distance" if uses_distance_layout(relative, length, length, for_backward=True) else "gather")
+                       else "by distance" if uses_distance_layout(relative, length, length, training=True) else "gather")
     assert layouts == ["one row per distance", "one row per distance", "by distance", "gather", "gather"]
     assert LENGTHS[-1] > config.max_position_embeddings
 
@@ -114,11 +125,9 @@ def test_lengths_exercise_every_layout():
 def test_tiles_of_heads_and_query_rows(monkeypatch, length):
     """With a tiny tile budget the fast path works through one head at a time and, for inference, through blocks
     of query rows; the result must not change."""
-    from modeling_deberta_custom import modeling_deberta_custom as modeling
-
-    monkeypatch.setattr(modeling, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 16)
-    assert modeling._attention_tiles(3, 4, length, length, 16, for_backward=False)[1] == 16
+    monkeypatch.setattr(attention_cpu, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(attention_cpu, "MIN_BLOCK_ROWS", 16)
+    assert attention_cpu._attention_tiles(3, 4, length, length, 16, training=False)[1] == 16
     models = model_pair()
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
@@ -128,40 +137,53 @@ def test_tiles_of_heads_and_query_rows(monkeypatch, length):
 def test_far_keys_are_broadcast_not_gathered(monkeypatch, case):
     """Inference on a long sequence works through short blocks of query rows; each gathers only the keys within
     the table's reach and broadcasts one row of each term for the keys beyond (_gathered_keys, _far_scores)."""
-    from modeling_deberta_custom import modeling_deberta_custom as modeling
-
-    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(attention_cpu, "MIN_BLOCK_ROWS", 16)
     length = 200  # the tiny table reaches 63 tokens either way: a 16-row block sees about 140 keys within reach
     relative = relative_positions(length, length, tiny_config(**CONFIGS[case]), "cpu")
-    first_block = modeling._gathered_keys(relative.far, 0, 16, length)
-    last_block = modeling._gathered_keys(relative.far, 180, 196, length)
+    first_block = attention_cpu._gathered_keys(relative.far, 0, 16, length)
+    last_block = attention_cpu._gathered_keys(relative.far, 180, 196, length)
     assert first_block[0] == 0 and first_block[1] < length, "keys far ahead of the first block are not skipped"
     assert last_block[0] > 0 and last_block[1] == length, "keys far behind the last block are not skipped"
-    tiles = modeling._attention_tiles(3, 4, length, length, relative.num_rows, for_backward=False, far=relative.far)
+    tiles = attention_cpu._attention_tiles(3, 4, length, length, relative.num_rows, training=False, far=relative.far)
     assert tiles[1] == 16, "inference does not work through short blocks of query rows"
-    assert modeling._attention_tiles(3, 4, length, length, relative.num_rows, for_backward=True,
-                                     far=relative.far)[1] == length  # training keeps whole rows
+    assert attention_cpu._attention_tiles(3, 4, length, length, relative.num_rows, training=True,
+                                          far=relative.far)[1] == length  # training keeps whole rows
     models = model_pair(**CONFIGS[case])
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
 
 
+@pytest.mark.parametrize("path", ["cpu", "plain"])
 @pytest.mark.parametrize("length", [12, 40])
-def test_training_drops_what_sdpa_drops_without_grad(length):
-    """Reentrant gradient checkpointing runs a layer's forward without grad (SDPA, which draws the attention dropout
-    itself) and recomputes it with grad for backward (the CPU training path): from the same RNG state the two must
-    drop the same probabilities, or the gradients belong to another forward."""
+def test_reentrant_checkpointing_recomputes_the_same_forward(monkeypatch, length, path):
+    """Reentrant gradient checkpointing runs each layer's forward without grad and recomputes it with grad for
+    backward, from the same RNG state. The kernel depends on the device and module.training only, so both runs draw
+    the same attention dropout and the gradients are those of the forward that produced the output: they equal the
+    gradients without checkpointing. (A kernel chosen by grad mode would draw its dropout elsewhere.)"""
+    if path == "plain":
+        plain_path_everywhere(monkeypatch)
     torch.manual_seed(0)
     model = DebertaCustomModel(tiny_config(attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1)).train()
     input_ids, attention_mask = random_batch(model.config.vocab_size, batch=3, length=length)
+
+    def run(checkpointing, seed=1):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_disable()
+        torch.manual_seed(seed)
+        return forward_and_gradients(model, dict(input_ids=input_ids, attention_mask=attention_mask))
+
+    output, gradients = run(checkpointing=False)
+    checkpointed_output, checkpointed_gradients = run(checkpointing=True)
+    assert_close(checkpointed_output, output, "output under checkpointing")
+    assert checkpointed_gradients.keys() == gradients.keys()
+    for name, gradient in gradients.items():
+        assert_gradient_close(checkpointed_gradients[name], gradient, f"gradient of {name} under checkpointing")
     torch.manual_seed(1)
-    with_grad = model(input_ids, attention_mask).last_hidden_state
-    torch.manual_seed(1)
-    with torch.no_grad():
-        without_grad = model(input_ids, attention_mask).last_hidden_state
-    assert_close(with_grad.detach(), without_grad, "training output with and without grad")
-    torch.manual_seed(2)
-    assert not torch.allclose(model(input_ids, attention_mask).last_hidden_state, with_grad), "dropout is off"
+    with torch.no_grad():  # training mode without grad: the same kernel, the same draws
+        assert_close(model(input_ids, attention_mask).last_hidden_state, output, "training output without grad")
+    assert not torch.allclose(run(checkpointing=False, seed=2)[0], output), "dropout is off"
 
 
 def test_fully_padded_row_and_no_mask():
@@ -236,10 +258,13 @@ def test_relative_positions_match_the_pair_index(case, query_length, key_length)
         assert far.high - 1 not in row_of or row_of[far.high - 1] != far.high_row
 
 
+@pytest.mark.parametrize("path", ["cpu", "plain"])
 @pytest.mark.parametrize(("query_length", "key_length"), [(3, 5), (5, 2), (9, 14), (30, 70), (70, 30)])
 @pytest.mark.parametrize("terms", [["c2p", "p2c"], ["c2p"], ["p2c"]])
-def test_fast_attention_function_with_unequal_lengths(query_length, key_length, terms):
+def test_fast_attention_function_with_unequal_lengths(monkeypatch, query_length, key_length, terms, path):
     """sdpa_attention against eager_attention directly, Nq != Nk, a masked key in every batch entry."""
+    if path == "plain":
+        plain_path_everywhere(monkeypatch)
     config = tiny_config()
     generator = torch.Generator().manual_seed(0)
     batch, heads, head_size = 2, 3, 8
@@ -255,7 +280,11 @@ def test_fast_attention_function_with_unequal_lengths(query_length, key_length, 
     expected, probs = eager_attention(*args)
     actual, _ = sdpa_attention(*args)
     assert_close(actual, expected, "context")
-    bias = disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, 0.2)
+    if path == "plain":  # the plain path's bias: the reference's position terms
+        bias = position_scores(query, key, pos_key, pos_query, relative, 0.2)
+        bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    else:
+        bias = disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, 0.2)
     assert bias.shape == (batch, heads, query_length, key_length)
     assert bool((bias[0, ..., -1] < -1e30).all()) and bool((bias[1, ..., 0] < -1e30).all())
     assert probs[0, ..., -1].abs().max() == 0
@@ -367,7 +396,7 @@ def test_training_saves_no_square_tensor_beyond_sdpa(length):
     square = batch * heads * length * length * 4
     extra = sum(ours.values()) - sum(baseline.values())
     assert max(ours.values()) <= square, f"saves a tensor of {max(ours.values())} bytes ([B, H, N, N] is {square})"
-    if uses_distance_layout(relative, length, length, for_backward=True):
+    if uses_distance_layout(relative, length, length, training=True):
         assert extra < square / 4, f"saves {extra} bytes more than SDPA alone ([B, H, N, N] is {square})"
     else:
         assert extra < 2 * square, f"saves {extra} bytes more than SDPA alone ([B, H, N, N] is {square})"
@@ -408,3 +437,28 @@ def test_compile_fullgraph_inductor():
         with torch.no_grad():
             assert_close(compiled(input_ids, attention_mask).last_hidden_state,
                          model(input_ids, attention_mask).last_hidden_state, f"inductor output at length {length}")
+
+
+def test_compiled_training_step_compiles_once_across_lengths():
+    """A classifier training step under torch.compile(fullgraph=True, dynamic=True) makes one graph for lengths on
+    both sides of the bucket range (4) and of max_position (64): relative positions and the attention path branch
+    on no length while compiling (issue 10: it was one graph per layout). Dynamo's frame count is what compiling
+    costs; the eager backend skips AOT tracing, which does not change how many frames dynamo compiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    from modeling_deberta_custom import DebertaCustomForSequenceClassification
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=3)).train()
+    counter = CompileCounter()
+
+    def loss_of(input_ids, attention_mask, labels):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=True, backend=counter)
+    for length in (4, 12, 40, 70, 100):
+        input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=length)
+        compiled(input_ids, attention_mask, torch.tensor([0, 2])).backward()
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations over 5 lengths"
+    torch._dynamo.reset()

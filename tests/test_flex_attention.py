@@ -120,3 +120,21 @@ def test_set_attn_implementation_switches_to_flex_and_back():
     assert_flex_matches_eager(flex, eager, input_ids, attention_mask)
     eager.set_attn_implementation("eager")
     assert eager.config._attn_implementation == "eager"
+
+
+def test_flex_compiles_once_across_lengths_and_batch_sizes():
+    """Under torch.compile(dynamic=True) the path (products, score_mod, padding block mask) branches on no shape:
+    one graph serves several lengths (across the bucket range and max_position) and batch sizes, so a GPU run does
+    not recompile per batch shape nor hit dynamo's recompile limit (which falls back to the unfused kernel). The
+    eager backend counts dynamo's frames without code generation (inductor's CPU flex kernel takes no dynamic
+    shapes in torch 2.13)."""
+    from torch._dynamo.testing import CompileCounter
+
+    eager, flex = eager_and_flex()
+    counter = CompileCounter()
+    compiled = torch.compile(flex, fullgraph=True, dynamic=True, backend=counter)
+    for batch, length in ((2, 12), (3, 40), (2, 100), (4, 130)):
+        input_ids, attention_mask = random_batch(eager.config.vocab_size, batch=batch, length=length)
+        assert_flex_matches_eager(eager, compiled, input_ids, attention_mask)
+    # Two graphs at most: lengths up to 128 fill one block of keys, and dynamo specialises sizes of 1.
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations over 4 shapes"
