@@ -365,13 +365,19 @@ class DebertaCustomSelfAttention(nn.Module):
                 self.split_heads(self.key_proj(hidden_states)),
                 self.split_heads(self.value_proj(hidden_states)),
             )
-        # [3 * H * D, C] -> [H, 3, D, C]: the fused rows hold q, k, v per head
-        weight = self.in_proj.weight.view(self.num_heads, 3, self.head_size, -1)
-        query_weight, key_weight, value_weight = (weight[:, i].reshape(-1, weight.shape[-1]) for i in range(3))
+        # The module is called (not its weight read), so that adapters wrapping in_proj (LoRA) take part.
+        fused = self.in_proj(hidden_states)  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
+        fused = fused.view(*fused.shape[:-1], self.num_heads, 3, self.head_size)  # [B, N, H, 3, D]
+        if query_states is not hidden_states:  # EMD: the query comes from other states
+            query = self.in_proj(query_states).view(*query_states.shape[:-1], *fused.shape[-3:])[..., 0, :]
+        else:
+            query = fused[..., 0, :]
+        biases = (self.q_bias.view(self.num_heads, self.head_size), self.v_bias.view(self.num_heads, self.head_size))
+        # [B, N, H, D] -> [B, H, N, D]
         return (
-            self.split_heads(F.linear(query_states, query_weight, self.q_bias)),
-            self.split_heads(F.linear(hidden_states, key_weight)),
-            self.split_heads(F.linear(hidden_states, value_weight, self.v_bias)),
+            (query + biases[0]).transpose(1, 2),
+            fused[..., 1, :].transpose(1, 2),
+            (fused[..., 2, :] + biases[1]).transpose(1, 2),
         )
 
     def project_positions(self, rel_embeddings, relative: RelativePositions):

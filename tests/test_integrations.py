@@ -21,10 +21,17 @@ LORA_TARGET_MODULES = ["query_proj", "value_proj"]
 LORA_MODULES_TO_SAVE = ["classifier", "pooler"]
 
 
-def test_lora_trains_saves_reloads_and_merges(tmp_path):
+# DeBERTa v1's fused projection: peft's own default for `deberta` (the attention calls in_proj, so LoRA takes part).
+V1 = dict(attention_variant="v1", position_buckets=-1, share_att_key=False, norm_rel_ebd="none",
+          max_relative_positions=12)
+
+
+@pytest.mark.parametrize("overrides, target_modules", [({}, LORA_TARGET_MODULES), (V1, ["in_proj"])],
+                         ids=["v3", "v1_in_proj"])
+def test_lora_trains_saves_reloads_and_merges(tmp_path, overrides, target_modules):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = DebertaCustomForSequenceClassification(tiny_config(num_labels=3))
+    base = DebertaCustomForSequenceClassification(tiny_config(num_labels=3, **overrides))
     perturb_parameters(base)
     base.save_pretrained(tmp_path / "base")
     input_ids, attention_mask = random_batch(base.config.vocab_size, batch=4, length=10)
@@ -32,12 +39,13 @@ def test_lora_trains_saves_reloads_and_merges(tmp_path):
 
     model = peft.get_peft_model(
         DebertaCustomForSequenceClassification.from_pretrained(tmp_path / "base"),
-        peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES,
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=target_modules,
                         modules_to_save=LORA_MODULES_TO_SAVE),
     )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in name or ".modules_to_save." in name for name in trainable), trainable
-    for needed in ("query_proj.lora_A", "value_proj.lora_B", "classifier.modules_to_save", "pooler.modules_to_save"):
+    for needed in (*(f"{target}.lora_B" for target in target_modules), "classifier.modules_to_save",
+                   "pooler.modules_to_save"):
         assert any(needed in name for name in trainable), needed
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
 
@@ -51,6 +59,8 @@ def test_lora_trains_saves_reloads_and_merges(tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b), "a LoRA matrix received no gradient"
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), f"{name} is frozen under LoRA but changed"
