@@ -262,7 +262,7 @@ def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path, v
         expected = _flatten(exported.deberta(**inputs, output_hidden_states=True, return_dict=True))
     torch.save(dict(inputs=inputs, expected=expected), tmp_path / "data.pt")
     case = dict(name="rtd", folder=str(tmp_path / "pretraining"), auto_class="AutoModelForSequenceClassification",
-                data=str(tmp_path / "data.pt"), compare_backbone=True)
+                data=str(tmp_path / "data.pt"), compare_backbone=True, call=dict(output_hidden_states=True), seed=0)
     report = _run_isolated(tmp_path, [case], None if version == "installed" else TRANSFORMERS_457.resolve())
     assert report["package_importable"] is False and report["package_loaded_after"] is False
     result = report["cases"]["rtd"]
