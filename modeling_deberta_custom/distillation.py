@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from .sift import LABEL_ARGUMENTS, share_of_optimizer_step
+from .sift import LABEL_ARGUMENTS, output_logits, share_of_optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +102,7 @@ def _divergence_function(logits: torch.Tensor, problem_type: str | None):
 
 
 def _logits_of(outputs) -> list[torch.Tensor]:
-    """[start_logits, end_logits] of a question-answering output, else [logits]."""
-    if not isinstance(outputs, Mapping):
-        raise TypeError(f"Distillation reads model outputs as a ModelOutput or dict, got {type(outputs).__name__} "
-                        "(call the model with return_dict=True)")
-    if outputs.get("start_logits") is not None:
-        return [outputs["start_logits"], outputs["end_logits"]]
-    if outputs.get("logits") is not None:
-        return [outputs["logits"]]
-    raise ValueError(f"Distillation needs `logits` (or `start_logits`/`end_logits`) in the outputs, got {list(outputs)}")
+    return output_logits(outputs, reader="Distillation")
 
 
 def distillation_loss(student_outputs, teacher_outputs, *, temperature: float = 1.0, problem_type: str | None = None,

@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_deberta_custom import DebertaCustomConfig
-
 # transformers 4.57 loads remote code from a local folder with only the `from .x import y` siblings a file names itself,
 # so this file names every sibling that modeling_deberta_custom.py imports (tests/test_remote_code.py checks it).
 from .attention_cpu import cpu_kernels_apply  # noqa: F401
+from .configuration_deberta_custom import DebertaCustomConfig
 from .convert import is_required_weight  # noqa: F401
 from .modeling_deberta_custom import (
     AUTO_MAP,

@@ -123,16 +123,17 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 ASCENT_LOSSES = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
 
 
-def _predictions(outputs) -> list[torch.Tensor]:
-    """The prediction tensors of a head's output: [start_logits, end_logits] for question answering, else [logits]."""
+def output_logits(outputs, reader: str = "SiFT") -> list[torch.Tensor]:
+    """The prediction tensors of a head's output: [start_logits, end_logits] for question answering, else [logits].
+    `reader` names the caller in the errors."""
     if not isinstance(outputs, Mapping):
-        raise TypeError(f"SiFT reads model outputs as a ModelOutput or dict, got {type(outputs).__name__} "
+        raise TypeError(f"{reader} reads model outputs as a ModelOutput or dict, got {type(outputs).__name__} "
                         "(call the model with return_dict=True)")
     if outputs.get("start_logits") is not None:
         return [outputs["start_logits"], outputs["end_logits"]]
     if outputs.get("logits") is not None:
         return [outputs["logits"]]
-    raise ValueError(f"SiFT needs `logits` (or `start_logits`/`end_logits`) in the model output, got {list(outputs)}")
+    raise ValueError(f"{reader} needs `logits` (or `start_logits`/`end_logits`) in the model output, got {list(outputs)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,13 +276,13 @@ def sift_loss(
         raise RuntimeError("sift_loss needs the SiFTPerturbation hook installed (before the clean forward)")
     ascent_loss = ASCENT_LOSSES[loss_fn]
     perturbed_inputs = {k: v for k, v in inputs.items() if k not in LABEL_ARGUMENTS}
-    clean = _predictions(clean_outputs)
+    clean = output_logits(clean_outputs)
     perturbation.adversarial = True
     perturbation.delta = None if delta is None else delta.detach().clone().requires_grad_()
     try:
         with _parameters_frozen(model):
             for _ in range(ascent_steps):
-                perturbed = _predictions(model(**perturbed_inputs))
+                perturbed = output_logits(model(**perturbed_inputs))
                 divergence = sum(ascent_loss(p, c.detach()).sum() for p, c in zip(perturbed, clean, strict=True))
                 delta = perturbation.delta
                 if delta is None or not divergence.requires_grad:
@@ -290,7 +291,7 @@ def sift_loss(
                 # backward rather than autograd.grad: reentrant gradient checkpointing supports only the former.
                 divergence.backward()
                 perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()
-        perturbed = _predictions(model(**perturbed_inputs))
+        perturbed = output_logits(model(**perturbed_inputs))
         return sum(symmetric_kl(p, c).mean() for p, c in zip(perturbed, clean, strict=True)) / len(clean)
     finally:
         perturbation.adversarial = False
@@ -378,7 +379,7 @@ class SiFTCallback(TrainerCallback):
             self._warn_once("loss", "SiFT: the model returned no loss in training mode (no labels, a tuple output, or "
                                     "a loss computed outside the model); the adversarial term is skipped")
             return None
-        if any(p.shape[-1] == 1 for p in _predictions(outputs)):
+        if any(p.shape[-1] == 1 for p in output_logits(outputs)):
             self._warn_once("one-logit", "SiFT: a one-logit (regression) head; the original's symmetric KL of a "
                                          "one-logit softmax is identically zero, so the adversarial term is zero")
         inputs = dict(kwargs)
