@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from .sift import LABEL_ARGUMENTS, output_logits, share_of_optimizer_step
+from .sift import (
+    LABEL_ARGUMENTS,
+    check_loss_hook_arguments,
+    move_ahead_of_integrations,
+    output_logits,
+    share_of_optimizer_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -449,12 +455,10 @@ class DistillationCallback(TrainerCallback):
     # -- Trainer events --------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.n_gpu > 1:
-            raise ValueError("DistillationCallback does not support nn.DataParallel (several GPUs in one process): "
-                             "launch with torchrun or accelerate (DDP)")
-        if args.label_smoothing_factor > 0:
-            raise ValueError("DistillationCallback changes the loss the model computes; with label_smoothing_factor "
-                             "> 0 the Trainer computes the loss outside the model and distillation would do nothing")
+        check_loss_hook_arguments(args, "DistillationCallback")
+        if not move_ahead_of_integrations(self):  # so that report_to integrations receive the distill_* terms
+            logger.warning("DistillationCallback: not called by a transformers CallbackHandler; its terms reach the "
+                           "logs only after the report_to integrations have run")
         self.install(model)
         self._window, self._total = {}, {}
         self._reinstall = True

@@ -119,6 +119,37 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(_rows(logits).reshape(-1), _rows(target).reshape(-1))
 
 
+def check_loss_hook_arguments(args, owner: str) -> None:
+    """A callback that adds to the loss the model returns needs the loss computed inside the model, in one process
+    per device: refuse the Trainer settings under which it would silently do nothing."""
+    if args.n_gpu > 1:
+        raise ValueError(f"{owner} does not support nn.DataParallel (several GPUs in one process, which the Trainer "
+                         "uses without a distributed launch): launch with torchrun or accelerate (DDP)")
+    if args.label_smoothing_factor > 0:
+        raise ValueError(f"{owner} adds to the loss the model computes; with label_smoothing_factor > 0 the Trainer "
+                         "computes the loss outside the model and the added term would do nothing")
+
+
+def move_ahead_of_integrations(callback: TrainerCallback) -> bool:
+    """Place `callback` right after DefaultFlowCallback in the CallbackHandler whose event is running; False when no
+    handler is calling.
+
+    The Trainer calls callbacks in list order: DefaultFlowCallback, the report_to integrations, then the callbacks
+    given to it, so the integrations would see `logs` before the callback adds its terms. A callback gets no reference
+    to its handler; the handler is up the call stack (CallbackHandler.call_event). Moving an entry from after the
+    current position to before it leaves the remaining iteration unchanged."""
+    frame = sys._getframe(1)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    callbacks = frame.f_locals["self"].callbacks
+    callbacks.remove(callback)
+    position = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+    callbacks.insert(position, callback)
+    return True
+
+
 # The ascent step's loss, by the original's --vat_loss_fn names.
 ASCENT_LOSSES = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
 
@@ -399,34 +430,12 @@ class SiFTCallback(TrainerCallback):
     # -- Trainer events --------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.n_gpu > 1:
-            raise ValueError("SiFTCallback does not support nn.DataParallel (several GPUs in one process, which the "
-                             "Trainer uses without a distributed launch): launch with torchrun or accelerate (DDP)")
-        if args.label_smoothing_factor > 0:
-            raise ValueError("SiFTCallback adds to the loss the model computes; with label_smoothing_factor > 0 the "
-                             "Trainer computes the loss outside the model and SiFT would do nothing")
-        self._move_ahead_of_integrations()
-        self.install(model)
-        self._window, self._total = [0.0, 0], [0.0, 0]
-
-    def _move_ahead_of_integrations(self) -> None:
-        """Place this callback right after DefaultFlowCallback in the CallbackHandler that is calling it.
-
-        The Trainer calls callbacks in list order: DefaultFlowCallback, the report_to integrations, then the callbacks
-        given to it, so the integrations would see `logs` before `sift_loss` is added. A callback gets no reference
-        to its handler; the handler is the caller of this event (CallbackHandler.call_event). Moving an entry from
-        after the current position to before it leaves the remaining iteration unchanged."""
-        frame = sys._getframe(1)
-        while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
-            frame = frame.f_back
-        if frame is None:
+        check_loss_hook_arguments(args, "SiFTCallback")
+        if not move_ahead_of_integrations(self):
             self._warn_once("order", "SiFT: not called by a transformers CallbackHandler; `sift_loss` reaches the logs "
                                      "only after the report_to integrations have run")
-            return
-        callbacks = frame.f_locals["self"].callbacks
-        callbacks.remove(self)
-        position = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
-        callbacks.insert(position, self)
+        self.install(model)
+        self._window, self._total = [0.0, 0], [0.0, 0]
 
     def on_train_end(self, args, state, control, **kwargs):
         self.remove()

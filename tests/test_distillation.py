@@ -285,6 +285,27 @@ def test_teacher_is_frozen_and_every_term_is_logged(tmp_path):
     assert not callback.installed and not student._forward_hooks and not teacher._forward_hooks
 
 
+def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_path):
+    """The Trainer lists the report_to integrations before the callbacks passed to it; the distillation callback
+    moves ahead of them at on_train_begin, so a callback listed before it (standing in for TensorBoard) sees its
+    terms in `logs`."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    recorder = Recorder()
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1,
+                    report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    Trainer(model=classifier(**STUDENT), args=TrainingArguments(**settings), train_dataset=FirstTokenTask(),
+            callbacks=[recorder, DistillationCallback(classifier(1, **TEACHER))]).train()
+    assert [entry for entry in recorder.seen if "loss" in entry] and all(
+        "distill_kd_loss" in entry for entry in recorder.seen if "loss" in entry)
+
+
 def test_relation_transfer_across_widths_and_heads_teaches_the_student():
     """Student 32 wide / 2 heads / 2 layers, teacher 64 / 4 / 3: with the relation loss alone the student's last-layer
     relations move towards the teacher's, and the gradient reaches the student's projections."""
