@@ -10,7 +10,7 @@ Both libraries are in the `integrations` extra (README set-up): the tests skip o
 
 import pytest
 import torch
-from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
+from helpers import REPO_ROOT, perturb_parameters, random_batch, tiny_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification, DebertaCustomModel

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, perturb_parameters, tiny_config
+from helpers import REPO_ROOT, SHARED_DATA, perturb_parameters, tiny_config
 from transformers import AutoTokenizer, pipeline
 
 from modeling_deberta_custom import (
