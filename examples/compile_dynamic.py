@@ -1,4 +1,4 @@
-"""torch.compile(dynamic=True) on this branch: graphs compiled as the length grows, graph breaks, parity with eager.
+"""torch.compile(dynamic=True): graphs compiled as the length grows, graph breaks, parity with eager.
 
 Run:
     PYTHONPATH=. .venv/bin/python examples/compile_dynamic.py
