@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""With and without SiFT on GLUE, several seeds, paired: the experiment behind the README's SiFT table.
+"""With and without SiFT on GLUE, several seeds, paired: the experiment behind the SiFT table of docs/benchmarks.md.
 
     # run every (task, seed, arm) not yet done, two processes at a time, then print the table
     OMP_NUM_THREADS=1 python experiments/sift_glue_experiment.py --data_dir ../shared/data/glue \\

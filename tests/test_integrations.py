@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification, DebertaCustomModel
 
-# What the README recommends: peft's own defaults for deberta-v2 (our v2/v3 modules carry the same names), and the
+# What docs/integrations.md recommends: peft's own defaults for deberta-v2 (our v2/v3 modules carry the same names), and the
 # head modules that peft's DeBERTa guide keeps trainable and saves with the adapter.
 LORA_TARGET_MODULES = ["query_proj", "value_proj"]
 LORA_MODULES_TO_SAVE = ["classifier", "pooler"]
