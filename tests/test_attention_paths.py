@@ -17,7 +17,7 @@
 
 import pytest
 import torch
-from conftest import perturb_parameters, random_batch, tiny_config
+from helpers import perturb_parameters, random_batch, tiny_config
 from torch.profiler import profile
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention, attention_cpu

@@ -8,7 +8,7 @@ second-to-last layer, which exercises the same code."""
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config
+from helpers import random_batch, tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, SHARED_DATA, requires_shared_data
+from helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomModel
 from modeling_deberta_custom.configuration_deberta_custom import config_dict_from_official

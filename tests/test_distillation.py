@@ -2,23 +2,34 @@
 callback (frozen teacher, logged terms, training options, a plain saved student), the MiniLMv2 relation transfer
 across widths and heads, and scripts/run_glue.py --teacher.
 
-The toy task is SiFT's (test_sift.FirstTokenTask: the label is the token after [CLS]); the good teacher there is an
+The toy task is SiFT's (helpers.FirstTokenTask: the label is the token after [CLS]); the good teacher there is an
 oracle that reads the rule."""
 
 import json
 import math
-import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, random_batch, tiny_config
-from test_resume import COMMON, RUN_GLUE, assert_resumed_exactly, load_script, run_three_ways
-from test_sift import FirstTokenTask
+from helpers import (
+    CHILD_SCRIPTS,
+    DROPOUT,
+    REPO_ROOT,
+    RESUME_ARGS,
+    RUN_GLUE,
+    STUDENT,
+    TEACHER,
+    FirstTokenTask,
+    assert_resumed_exactly,
+    child_environment,
+    load_script,
+    random_batch,
+    run_three_ways,
+    tiny_config,
+)
+from helpers import first_token_classifier as classifier
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -39,16 +50,6 @@ from modeling_deberta_custom.distillation import (
     soft_target_kl,
 )
 from modeling_deberta_custom.sift import SiFTCallback
-
-DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-STUDENT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)
-TEACHER = dict(hidden_size=64, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
-
-
-def classifier(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **overrides))
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The losses, by hand
@@ -416,41 +417,13 @@ def test_mismatched_teachers_are_refused():
         DistillationCallback(classifier(**TEACHER), relation_weight=1.0, relation_heads=3).install(student)
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    sys.path.insert(0, {tests!r})
-    from test_distillation import STUDENT, TEACHER, classifier
-    from test_sift import FirstTokenTask
-    from transformers import Trainer, TrainingArguments
-    from modeling_deberta_custom.distillation import DistillationCallback
-
-    model = classifier(**STUDENT)
-    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
-                             logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             gradient_accumulation_steps=2, activation_checkpointing=True)
-    callback = DistillationCallback(classifier(1, **TEACHER), relation_weight=1.0)
-    trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
-    trainer.train()
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(args.world_size)]
-    torch.distributed.all_gather(gathered, flat)
-    if args.process_index == 0:
-        json.dump(dict(world_size=args.world_size, max_difference=float((gathered[0] - gathered[1]).abs().max()),
-                       log_history=trainer.state.log_history), open(sys.argv[1] + "/ddp.json", "w"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-""")
-
-
 @pytest.mark.slow  # two interpreter start-ups: ~15 s on an idle 2-core machine
 def test_callback_under_ddp_with_two_cpu_processes(tmp_path):
     """torchrun, 2 processes over gloo, with accumulation, checkpointing and the relation terms."""
-    script = tmp_path / "ddp_distill.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(CHILD_SCRIPTS / "ddp_distill.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=child_environment(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ddp.json").read_text())
     assert report["world_size"] == 2 and report["max_difference"] == 0.0
@@ -482,7 +455,7 @@ def test_run_glue_distills_and_resumes_exactly(tmp_path, monkeypatch, demo_teach
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     script = load_script(RUN_GLUE)
     argv = ["--demo", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
-            "--do_eval", "false", "--teacher", str(demo_teacher), "--distill_relation_weight", "1.0", *COMMON]
+            "--do_eval", "false", "--teacher", str(demo_teacher), "--distill_relation_weight", "1.0", *RESUME_ARGS]
     try:
         assert_resumed_exactly(*run_three_ways(script, argv, tmp_path / "glue", monkeypatch))
         history = (tmp_path / "glue" / "straight" / "trainer_state.json").read_text()

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OFFICIAL_V2, perturb_parameters, tiny_config
+from helpers import REPO_ROOT, TINY_OFFICIAL_V2, perturb_parameters, tiny_config
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification, DebertaCustomModel
 from modeling_deberta_custom.export import (

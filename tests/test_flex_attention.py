@@ -9,7 +9,7 @@ path needs (no attention dropout; a GPU). Each new shape compiles FlexAttention 
 
 import pytest
 import torch
-from conftest import perturb_parameters, random_batch, tiny_config
+from helpers import perturb_parameters, random_batch, tiny_config
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel
 

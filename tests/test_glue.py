@@ -9,7 +9,7 @@ import sys
 import evaluate
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA, TINY_OFFICIAL_V2, requires_shared_data, tokenize_under_transformers_457
+from helpers import REPO_ROOT, SHARED_DATA, TINY_OFFICIAL_V2, requires_shared_data, tokenize_under_transformers_457
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import AutoTokenizer

@@ -8,7 +8,7 @@ as in one large batch (a per-micro-batch mean would weigh a micro-batch with 1 l
 import pytest
 import torch
 import transformers
-from conftest import random_batch, tiny_config
+from helpers import random_batch, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,

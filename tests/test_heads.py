@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
+from helpers import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,

@@ -14,7 +14,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config
+from helpers import random_batch, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_deberta_custom import (

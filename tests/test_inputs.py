@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
+from helpers import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
 from safetensors.torch import load_file, save_file
 
 from modeling_deberta_custom import (
@@ -270,10 +270,41 @@ def load_quietly(model_class, folder):
         transformers.logging.set_verbosity(verbosity)
 
 
+def assert_loaded(model, folder, saved):
+    """Every tensor of the weight file is in the model under its own name, and the model computes what the saved
+    one did. Parameters are perturbed before saving, so a fresh initialisation (unit LayerNorms, zero biases) cannot
+    pass by chance."""
+    weights = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert set(weights) <= set(state), f"not in the model: {sorted(set(weights) - set(state))}"
+    differing = [name for name, tensor in weights.items() if not torch.equal(state[name], tensor)]
+    assert not differing, f"{len(differing)} of {len(weights)} tensors differ from the file, e.g. {differing[:3]}"
+    input_ids, attention_mask = random_batch(VOCAB, batch=2, length=9)
+    with torch.no_grad():
+        expected = saved.eval()(input_ids, attention_mask=attention_mask).last_hidden_state
+        got = model.eval()(input_ids, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()  # outputs at padding positions are meaningless (and differ from transformers')
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", FORMATS)
 def test_intact_checkpoint_loads(tmp_path, layout):
-    model = load_quietly(DebertaCustomModel, write_checkpoint(tmp_path, layout))
-    assert torch.isfinite(model(torch.randint(1, VOCAB, (1, 5))).last_hidden_state).all()
+    """An intact checkpoint loads every weight it holds: the same tensors, and the saved model's outputs (transformers'
+    DebertaV2Model for the official layout)."""
+    torch.manual_seed(0)
+    if layout == "official":
+        fields = {k: v for k, v in TINY_OFFICIAL_V2.items() if k != "model_type"}
+        saved = transformers.DebertaV2Model(transformers.DebertaV2Config(**fields))
+    else:
+        saved = DebertaCustomModel(tiny_config())
+    perturb_parameters(saved)
+    saved.save_pretrained(tmp_path)
+    model = load_quietly(DebertaCustomModel, tmp_path)
+    assert_loaded(model, tmp_path, saved)
+    # The check can fail: the same architecture without the file's weights does not pass it.
+    torch.manual_seed(0)
+    with pytest.raises(AssertionError):
+        assert_loaded(DebertaCustomModel(model.config), tmp_path, saved)
 
 
 @pytest.mark.parametrize("model_class", [DebertaCustomModel, DebertaCustomForSequenceClassification])

@@ -10,12 +10,12 @@ Both libraries are in the `integrations` extra (README set-up): the tests skip o
 
 import pytest
 import torch
-from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
+from helpers import REPO_ROOT, perturb_parameters, random_batch, tiny_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification, DebertaCustomModel
 
-# What the README recommends: peft's own defaults for deberta-v2 (our v2/v3 modules carry the same names), and the
+# What docs/integrations.md recommends: peft's own defaults for deberta-v2 (our v2/v3 modules carry the same names), and the
 # head modules that peft's DeBERTa guide keeps trainable and saves with the adapter.
 LORA_TARGET_MODULES = ["query_proj", "value_proj"]
 LORA_MODULES_TO_SAVE = ["classifier", "pooler"]

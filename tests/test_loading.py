@@ -12,7 +12,17 @@ import os
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
+from helpers import (
+    REPO_ROOT,
+    TINY_OFFICIAL_V2,
+    TRANSFORMERS_457,
+    flatten_outputs,
+    perturb_parameters,
+    random_batch,
+    run_without_package,
+    skip_without_transformers_457,
+    tiny_config,
+)
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -245,11 +255,9 @@ def test_rtd_pretraining_folder_loads_as_backbone_and_discriminator(rtd_folders)
 @pytest.mark.parametrize("version", ["installed", "4.57"])
 def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path, version):
     """The merge travels with the folder's code files (loading.py), for trust_remote_code users, under the installed
-    transformers and 4.57 (test_remote_code's isolated child: the package cannot be imported there)."""
-    from test_remote_code import TRANSFORMERS_457, _flatten, _run_isolated
-
-    if version == "4.57" and not (TRANSFORMERS_457 / "transformers").is_dir():
-        pytest.skip(f"transformers 4.57 not found at {TRANSFORMERS_457}")
+    transformers and 4.57 (helpers.run_without_package: the package cannot be imported there)."""
+    if version == "4.57":
+        skip_without_transformers_457()
     torch.manual_seed(0)
     model = DebertaCustomForRTDPreTraining(tiny_config(rtd_generator_num_layers=1))
     perturb_parameters(model)
@@ -259,11 +267,11 @@ def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path, v
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
     exported = model.discriminator_for_finetuning().eval()
     with torch.no_grad():
-        expected = _flatten(exported.deberta(**inputs, output_hidden_states=True, return_dict=True))
+        expected = flatten_outputs(exported.deberta(**inputs, output_hidden_states=True, return_dict=True))
     torch.save(dict(inputs=inputs, expected=expected), tmp_path / "data.pt")
     case = dict(name="rtd", folder=str(tmp_path / "pretraining"), auto_class="AutoModelForSequenceClassification",
                 data=str(tmp_path / "data.pt"), compare_backbone=True, call=dict(output_hidden_states=True), seed=0)
-    report = _run_isolated(tmp_path, [case], None if version == "installed" else TRANSFORMERS_457.resolve())
+    report = run_without_package(tmp_path, [case], None if version == "installed" else TRANSFORMERS_457.resolve())
     assert report["package_importable"] is False and report["package_loaded_after"] is False
     result = report["cases"]["rtd"]
     assert "error" not in result, result["error"]

@@ -6,7 +6,7 @@ and zero gradients. An empty batch (batch size 0) gives empty outputs and loss 0
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config
+from helpers import random_batch, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import perturb_parameters, tiny_config
+from helpers import perturb_parameters, tiny_config
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,

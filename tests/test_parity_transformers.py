@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
+from helpers import TINY_OFFICIAL_V2, perturb_parameters, random_batch, tiny_config
 from safetensors.torch import save_file
 
 import modeling_deberta_custom as ours
@@ -24,7 +24,7 @@ HEADS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassific
 V1 = dict(model_type="deberta", position_buckets=-1, share_att_key=False, norm_rel_ebd="none",
           max_relative_positions=6, pos_att_type="c2p|p2c", position_biased_input=True)
 
-# Config variants in the official (transformers) vocabulary, as overrides of conftest.TINY_OFFICIAL_V2: buckets 8,
+# Config variants in the official (transformers) vocabulary, as overrides of helpers.TINY_OFFICIAL_V2: buckets 8,
 # max_position_embeddings 64, relative positions only, share_att_key, p2c|c2p, layer-normed relative embeddings.
 VARIANTS = {
     "v3": {},

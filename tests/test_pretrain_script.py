@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tokenize_under_transformers_457
+from helpers import REPO_ROOT, tokenize_under_transformers_457
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -128,7 +128,7 @@ def load_script():
 def test_rtd_pretraining_from_a_trained_discriminator_in_process(workspace, tmp_path):
     """--init_from: continue RTD pretraining from a discriminator (here a tiny one exported by the pretraining model;
     official DeBERTa-v3 checkpoints load the same way); and the argument checks."""
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     DebertaCustomForRTDPreTraining(tiny_config(vocab_size=128)).export_discriminator(tmp_path / "start")
     script = load_script()

@@ -4,7 +4,7 @@ Skipped when ../shared/data is absent."""
 
 import pytest
 import torch
-from conftest import SHARED_DATA, requires_shared_data
+from helpers import SHARED_DATA, requires_shared_data
 from safetensors.torch import load_file
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForReplacedTokenDetection

@@ -1,6 +1,6 @@
 """Auto-class registration and the Hub-ready folder that every `save_pretrained` writes.
 
-`import modeling_deberta_custom` (done in conftest) registers model_type `deberta_custom` with AutoConfig and every
+`import modeling_deberta_custom` (done in helpers.py) registers model_type `deberta_custom` with AutoConfig and every
 head with its AutoModel class. Every save writes the code files and the full `auto_map`, so one folder serves every
 Auto class; tests/test_remote_code.py loads such folders where the package cannot be imported.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_parameters, random_batch, tiny_config
+from helpers import perturb_parameters, random_batch, tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position, make_log_bucket_position
 
 from modeling_deberta_custom.attention import log_bucket_positions, relative_position_index

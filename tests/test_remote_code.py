@@ -11,16 +11,20 @@ folder goes first on PYTHONPATH and brings its own huggingface_hub < 1.0 and tok
 """
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import SETUP_457, TRANSFORMERS_457, perturb_parameters, random_batch, tiny_config
+from helpers import (
+    TRANSFORMERS_457,
+    flatten_outputs,
+    perturb_parameters,
+    random_batch,
+    run_without_package,
+    skip_without_transformers_457,
+    tiny_config,
+)
 
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
@@ -57,77 +61,6 @@ FROM_MASKED_LM = {
 }
 CASES = list(HEADS) + list(FROM_MASKED_LM)
 
-# Runs in the subprocess: argv[1] is the spec file; writes a JSON report to argv[2].
-CHILD = textwrap.dedent('''
-    import json, sys, traceback
-
-    class BlockPackage:  # the package is pip-installed (editable) in the venv: make it unimportable
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "modeling_deberta_custom" or fullname.startswith("modeling_deberta_custom."):
-                raise ImportError(f"{fullname} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
-    spec = json.load(open(sys.argv[1]))
-    report = {"cases": {}}
-    try:
-        import modeling_deberta_custom  # noqa: F401
-        report["package_importable"] = True
-    except ImportError:
-        report["package_importable"] = False
-
-    import torch
-    import transformers
-
-    torch.set_num_threads(spec["num_threads"])
-    report["transformers_version"] = transformers.__version__
-    report["transformers_file"] = transformers.__file__
-
-    def flatten(output):
-        tensors = {}
-        for key, value in output.items():
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value
-            elif isinstance(value, (tuple, list)):
-                tensors.update({f"{key}.{i}": v for i, v in enumerate(value)})
-        return tensors
-
-    for case in spec["cases"]:
-        result = report["cases"][case["name"]] = {}
-        try:
-            auto_class = getattr(transformers, case["auto_class"])
-            model = auto_class.from_pretrained(case["folder"], trust_remote_code=True)
-            result["class"] = type(model).__name__
-            result["module"] = type(model).__module__
-            result["config_module"] = type(model.config).__module__
-            data = torch.load(case["data"])
-            module = model.base_model if case["compare_backbone"] else model
-            torch.manual_seed(case["seed"])  # the RTD generator samples its replacements
-            with torch.no_grad():
-                got = flatten(module(**data["inputs"], **case["call"], return_dict=True))
-            expected = data["expected"]
-            result["keys"] = sorted(got)
-            result["mismatch"] = {
-                key: (float((got[key] - value).abs().max()) if got[key].shape == value.shape else str(tuple(got[key].shape)))
-                for key, value in expected.items() if key in got and not torch.equal(got[key], value)
-            }
-        except Exception:
-            result["error"] = traceback.format_exc()
-    report["package_loaded_after"] = any(m.split(".")[0] == "modeling_deberta_custom" for m in sys.modules)
-    json.dump(report, open(sys.argv[2], "w"), indent=1)
-''')
-
-
-def _flatten(output) -> dict:
-    tensors = {}
-    for key, value in output.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, (tuple, list)):
-            tensors.update({f"{key}.{i}": v for i, v in enumerate(value)})
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def saved_folders(tmp_path_factory):
     """Save one folder per head and, beside it, its inputs and the saved model's outputs. Returns the case list."""
@@ -160,7 +93,7 @@ def saved_folders(tmp_path_factory):
         atol = 1e-6 if model_class is DebertaCustomForRTDPreTraining else 0.0
         torch.manual_seed(seed)
         with torch.no_grad():
-            expected = _flatten(model(**inputs, **call, return_dict=True))
+            expected = flatten_outputs(model(**inputs, **call, return_dict=True))
         torch.save(dict(inputs=inputs, expected=expected), root / f"{name}.pt")
         cases.append(dict(name=name, folder=str(folder), auto_class=auto_class, expected_class=model_class.__name__,
                           code_file=model_class.__module__.split(".")[-1], call=call, seed=seed, atol=atol,
@@ -168,7 +101,7 @@ def saved_folders(tmp_path_factory):
 
         if name == "masked_lm":
             with torch.no_grad():
-                backbone_expected = _flatten(model.deberta(**inputs, output_hidden_states=True, return_dict=True))
+                backbone_expected = flatten_outputs(model.deberta(**inputs, output_hidden_states=True, return_dict=True))
             torch.save(dict(inputs=inputs, expected=backbone_expected), root / "masked_lm_backbone.pt")
             for extra, (extra_auto, extra_class) in FROM_MASKED_LM.items():
                 cases.append(dict(name=extra, folder=str(folder), auto_class=extra_auto, expected_class=extra_class,
@@ -177,38 +110,15 @@ def saved_folders(tmp_path_factory):
     return root, cases
 
 
-def _run_isolated(root: Path, cases: list, pythonpath: Path | None) -> dict:
-    """One fresh interpreter, outside the repository, that cannot import the package and has no network."""
-    work = root / ("child-" + (pythonpath.name if pythonpath else "installed"))
-    work.mkdir()
-    spec_file, report_file = work / "spec.json", work / "report.json"
-    spec_file.write_text(json.dumps(dict(cases=cases, num_threads=torch.get_num_threads())))
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(work / "hf_home"),
-               HF_MODULES_CACHE=str(work / "hf_modules"), PYTHONNOUSERSITE="1")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    completed = subprocess.run(
-        [sys.executable, "-c", CHILD, str(spec_file), str(report_file)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0 and report_file.is_file(), (
-        f"subprocess failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
-    )
-    return json.loads(report_file.read_text())
-
-
 @pytest.fixture(scope="module", params=["installed", "4.57"])
 def remote_report(request, saved_folders):
     root, cases = saved_folders
     if request.param == "installed":
-        report = _run_isolated(root, cases, None)
+        report = run_without_package(root, cases, None)
         assert report["transformers_version"] == transformers.__version__
     else:
-        if not (TRANSFORMERS_457 / "transformers").is_dir():
-            pytest.skip(f"transformers 4.57 not found at {TRANSFORMERS_457}; set it up with: {SETUP_457}")
-        report = _run_isolated(root, cases, TRANSFORMERS_457.resolve())
+        skip_without_transformers_457()
+        report = run_without_package(root, cases, TRANSFORMERS_457.resolve())
         assert report["transformers_version"].startswith("4.57."), report["transformers_version"]
         assert Path(report["transformers_file"]).resolve().is_relative_to(TRANSFORMERS_457.resolve()), report["transformers_file"]
     assert report["package_importable"] is False, "the subprocess could import modeling_deberta_custom"

@@ -7,78 +7,14 @@ restored from the checkpoint for the weights to agree.
 The scripts run in-process (their main(argv)), with the Trainer they build wrapped to add the stopping callback.
 """
 
-import importlib.util
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
-from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from helpers import PRETRAIN, RESUME_ARGS, RUN_GLUE, assert_resumed_exactly, load_script, run_three_ways
 
-PRETRAIN = REPO_ROOT / "scripts" / "pretrain.py"
-RUN_GLUE = REPO_ROOT / "scripts" / "run_glue.py"
-TOTAL_STEPS, STOP_AT = 4, 2
 WORDS = ("the king and queen of england walked through the garden where roses were growing while their children "
          "were running and laughing beside the old fountain in the morning light").split()
-
-
-def load_script(path):
-    name = f"resume_test_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and HfArgumentParser resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-class StopAfterStep(TrainerCallback):
-    """Ends training after `step` (the checkpoint of that step is written first): an interrupted run."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
-
-
-def interrupted_trainer(step):
-    class InterruptedTrainer(Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(StopAfterStep(step))
-
-    return InterruptedTrainer
-
-
-def run_three_ways(script, argv, output_root, monkeypatch):
-    """Uninterrupted; interrupted after STOP_AT; resumed from that checkpoint. Returns the three final weight files'
-    contents (uninterrupted, interrupted, resumed)."""
-    straight, stopped = output_root / "straight", output_root / "stopped"
-    script.main(argv + ["--output_dir", str(straight)])
-    with monkeypatch.context() as patch:
-        patch.setattr(script, "Trainer", interrupted_trainer(STOP_AT))
-        script.main(argv + ["--output_dir", str(stopped)])
-    interrupted = load_file(stopped / "model.safetensors")
-    checkpoint = stopped / f"checkpoint-{STOP_AT}"
-    assert checkpoint.is_dir() and not (stopped / f"checkpoint-{TOTAL_STEPS}").exists()
-    script.main(argv + ["--output_dir", str(stopped), "--resume_from_checkpoint", str(checkpoint)])
-    return load_file(straight / "model.safetensors"), interrupted, load_file(stopped / "model.safetensors")
-
-
-def assert_resumed_exactly(straight, interrupted, resumed):
-    assert straight.keys() == resumed.keys()
-    differing = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    assert not differing, f"{len(differing)} tensors differ after resuming, e.g. {differing[:3]}: " + ", ".join(
-        f"{k} max |diff| {float((straight[k] - resumed[k]).abs().max()):.2e}" for k in differing[:3])
-    # and the interruption mattered: the stopped run had not reached the final weights
-    assert any(not torch.equal(straight[k], interrupted[k]) for k in straight)
 
 
 @pytest.fixture
@@ -102,11 +38,6 @@ def text_and_tokenizer(tmp_path):
     return tmp_path
 
 
-COMMON = ["--max_steps", str(TOTAL_STEPS), "--save_strategy", "steps", "--save_steps", str(STOP_AT), "--seed", "0",
-          "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-          "--logging_steps", "1"]
-
-
 @pytest.mark.parametrize("objective", ["mlm", "rtd"])
 def test_pretraining_resumes_to_the_same_weights(text_and_tokenizer, tmp_path, monkeypatch, objective):
     import datasets
@@ -116,7 +47,7 @@ def test_pretraining_resumes_to_the_same_weights(text_and_tokenizer, tmp_path, m
     argv = ["--objective", objective, "--model_preset", "tiny", "--tokenizer", str(text_and_tokenizer / "tokenizer"),
             "--train_files", str(text_and_tokenizer / "train.txt"), "--validation_split_percentage", "0",
             "--max_seq_length", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-            "--warmup_steps", "1", *COMMON]
+            "--warmup_steps", "1", *RESUME_ARGS]
     try:
         assert_resumed_exactly(*run_three_ways(script, argv, tmp_path / objective, monkeypatch))
     finally:
@@ -131,7 +62,7 @@ def test_glue_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch, sif
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     script = load_script(RUN_GLUE)
     argv = ["--demo", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
-            "--do_eval", "false", *COMMON] + (["--sift"] if sift else [])
+            "--do_eval", "false", *RESUME_ARGS] + (["--sift"] if sift else [])
     try:
         assert_resumed_exactly(*run_three_ways(script, argv, tmp_path / "glue", monkeypatch))
     finally:

@@ -5,12 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, perturb_parameters, random_batch, requires_shared_data, tiny_config
+from helpers import CHILD_SCRIPTS, SHARED_DATA, perturb_parameters, random_batch, requires_shared_data, tiny_config
 from transformers import AutoModelForPreTraining
 
 from modeling_deberta_custom import (
@@ -353,32 +352,6 @@ def test_save_and_load_with_auto_model_for_pretraining(tmp_path):
                        + loaded.deberta.embeddings.word_embeddings.delta)
 
 
-REMOTE_CHILD = textwrap.dedent("""
-    import sys
-
-    class BlockPackage:  # the package is installed in the venv: make it unimportable here
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname.split(".")[0] == "modeling_deberta_custom":
-                raise ImportError(fullname + " is blocked in this process")
-
-    sys.meta_path.insert(0, BlockPackage())
-    import torch
-    import transformers
-
-    pretraining_folder, discriminator_folder, data_file = sys.argv[1:4]
-    data = torch.load(data_file)
-    rtd = transformers.AutoModelForPreTraining.from_pretrained(pretraining_folder, trust_remote_code=True).eval()
-    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
-        discriminator_folder, trust_remote_code=True, num_labels=2).eval()
-    with torch.no_grad():
-        torch.save({
-            "modules": [type(rtd).__module__, type(classifier).__module__],
-            "rtd_logits": rtd(data["input_ids"], data["attention_mask"]).logits,
-            "hidden": classifier.deberta(data["input_ids"], data["attention_mask"]).last_hidden_state,
-        }, data_file + ".out")
-""")
-
-
 def test_pretraining_folder_and_export_load_as_remote_code(tmp_path):
     """Where the package cannot be imported, AutoModelForPreTraining loads the pretraining folder and
     AutoModelForSequenceClassification the exported discriminator from the folders' own code files."""
@@ -390,8 +363,8 @@ def test_pretraining_folder_and_export_load_as_remote_code(tmp_path):
     input_ids, attention_mask = random_batch(model.config.vocab_size)
     torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "data.pt")
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHILD, str(tmp_path / "pretraining"), str(tmp_path / "discriminator"),
-         str(tmp_path / "data.pt")],
+        [sys.executable, str(CHILD_SCRIPTS / "load_rtd_remote_code.py"), str(tmp_path / "pretraining"),
+         str(tmp_path / "discriminator"), str(tmp_path / "data.pt")],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env=dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1"),
     )

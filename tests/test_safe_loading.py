@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OFFICIAL_V2, perturb_parameters, tiny_config
+from helpers import TINY_OFFICIAL_V2, perturb_parameters, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModel
 from transformers.dynamic_module_utils import get_relative_import_files

@@ -7,7 +7,7 @@ spm.model and a config.json with model_type deberta-v2), and a small Unigram tok
 `tokenizers` library in the same style (Metaspace pieces, [CLS] A [SEP] B [SEP]), which needs no files and always runs.
 
 transformers 5 removed the question-answering pipeline; there the span is taken from the model's logits and the
-tokenizer's offsets (README_SNIPPET shows how), and the pipeline itself is exercised where transformers has it.
+tokenizer's offsets (the docs/serving.md snippet shows how), and the pipeline itself is exercised where transformers has it.
 """
 
 import contextlib
@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, perturb_parameters, tiny_config
+from helpers import SHARED_DATA, doc_block, perturb_parameters, tiny_config
 from transformers import AutoTokenizer, pipeline
 
 from modeling_deberta_custom import (
@@ -286,29 +286,22 @@ def test_question_answering(checkpoints):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The README snippet, run as written (paths substituted)
+# The serving block of docs/serving.md, run as written (paths substituted), so the two cannot drift
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _readme_snippet() -> str:
-    """The serving block of README.md (the python fence after the serving-snippet marker), so the two cannot drift."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    after_marker = text.split("<!-- serving-snippet -->", 1)[1]
-    return after_marker.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-README_SNIPPET = _readme_snippet()
+SERVING_SNIPPET = doc_block("serving")
 SNIPPET_PATHS = {"path/to/sst2-model": "text-classification", "path/to/mlm-model": "fill-mask",
                  "path/to/ner-model": "token-classification", "path/to/qa-model": "question-answering"}
 
 
-def test_readme_snippet_runs(checkpoints):
-    code = README_SNIPPET
+def test_serving_snippet_runs(checkpoints):
+    code = SERVING_SNIPPET
     for placeholder, task in SNIPPET_PATHS.items():
         code = code.replace(placeholder, str(checkpoints[task]))
     printed = io.StringIO()
     namespace = {}
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README_SNIPPET", "exec"), namespace)
+        exec(compile(code, "docs/serving.md", "exec"), namespace)
     assert namespace["probabilities"].shape == (2, 2)
     assert namespace["batch"]["input_ids"].shape[1] % 64 == 0
     assert printed.getvalue().count("\n") >= 5

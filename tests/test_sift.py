@@ -4,16 +4,21 @@ The Trainer tests train a tiny model on a task it learns in a few steps (the lab
 [CLS]); the DDP test runs the same training in two CPU processes under torchrun."""
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
+from helpers import (
+    CHILD_SCRIPTS,
+    DROPOUT,
+    FirstTokenTask,
+    child_environment,
+    perturb_parameters,
+    random_batch,
+    tiny_config,
+)
 from transformers import Trainer, TrainingArguments
 
 from modeling_deberta_custom import (
@@ -32,7 +37,6 @@ from modeling_deberta_custom.sift import (
     symmetric_kl,
 )
 
-DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cls_dropout=0.0)
 
 
@@ -364,24 +368,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class FirstTokenTask(torch.utils.data.Dataset):
-    """Label = whether the token after [CLS] is 5 (else 6); the rest is noise."""
-
-    def __init__(self, size=64, length=8, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(7, 30, (size, length), generator=generator)
-        self.labels = torch.randint(0, 2, (size,), generator=generator)
-        self.input_ids[:, 0] = 1
-        self.input_ids[:, 1] = 5 + self.labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return dict(input_ids=self.input_ids[i], attention_mask=torch.ones_like(self.input_ids[i]),
-                    labels=self.labels[i])
-
-
 def train(tmp_path, callback=None, **arguments):
     torch.manual_seed(0)
     model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
@@ -487,46 +473,13 @@ def test_callback_refuses_label_smoothing(tmp_path):
         train(tmp_path, sift_callback(), label_smoothing_factor=0.1, num_train_epochs=1)
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    sys.path.insert(0, {tests!r})
-    from test_sift import DROPOUT, FirstTokenTask, sift_callback
-    from conftest import tiny_config
-    from transformers import Trainer, TrainingArguments
-    from modeling_deberta_custom import DebertaCustomForSequenceClassification
-
-    torch.manual_seed(0)
-    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
-    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
-                             logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             gradient_accumulation_steps=2, activation_checkpointing=True,
-                             ddp_find_unused_parameters=False)
-    callback = sift_callback()
-    trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
-    trainer.train()
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(args.world_size)]
-    torch.distributed.all_gather(gathered, flat)
-    if args.process_index == 0:
-        json.dump(dict(world_size=args.world_size, max_difference=float((gathered[0] - gathered[1]).abs().max()),
-                       log_history=trainer.state.log_history, installed=callback.installed),
-                  open(sys.argv[1] + "/ddp.json", "w"))
-    # Leave the process group before exit: a gloo thread still running at interpreter shutdown aborts the process
-    # ("terminate called without an active exception") now and then.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-""")
-
-
 def test_callback_under_ddp_with_two_cpu_processes(tmp_path):
     """torchrun, 2 processes over gloo, with gradient accumulation and checkpointing, and find_unused_parameters=False
     (the classifier's frozen absolute-position table must not count as unused)."""
-    script = tmp_path / "ddp_sift.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(CHILD_SCRIPTS / "ddp_sift.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=child_environment(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ddp.json").read_text())
     assert report["world_size"] == 2

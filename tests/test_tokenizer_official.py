@@ -18,7 +18,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SHARED_DATA, requires_shared_data
+from helpers import SHARED_DATA, requires_shared_data
 
 pytestmark = requires_shared_data
 

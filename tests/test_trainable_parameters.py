@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, random_batch, tiny_config
+from helpers import REPO_ROOT, random_batch, tiny_config
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
 

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 through the Trainer on CPU (DS_ACCELERATOR=cpu), 2 processes, a few steps, save, reload.
 
 Run (stage 2 or 3):
-    DS_ACCELERATOR=cpu PYTHONPATH=/tmp/deepspeed:. .venv/bin/torchrun --nproc_per_node 2 scripts/integrations/deepspeed_cpu.py 2 OUT_DIR
+    DS_ACCELERATOR=cpu PYTHONPATH=/tmp/deepspeed:. .venv/bin/torchrun --nproc_per_node 2 examples/deepspeed_cpu.py 2 OUT_DIR
 with /tmp/deepspeed from `pip install --no-deps --target /tmp/deepspeed deepspeed==0.19.8 hjson msgpack ninja py-cpuinfo einops`.
 """
 
@@ -16,7 +16,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForSequenceClassification
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 stage, out = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)

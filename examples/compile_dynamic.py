@@ -1,7 +1,7 @@
-"""torch.compile(dynamic=True) on this branch: graphs compiled as the length grows, graph breaks, parity with eager.
+"""torch.compile(dynamic=True): graphs compiled as the length grows, graph breaks, parity with eager.
 
 Run:
-    PYTHONPATH=. .venv/bin/python scripts/integrations/compile_dynamic.py
+    PYTHONPATH=. .venv/bin/python examples/compile_dynamic.py
 """
 
 import time
@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForSequenceClassification
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 torch.manual_seed(0)
 config = DebertaCustomConfig.from_json_file(REPO / "configuration" / "tiny.json")

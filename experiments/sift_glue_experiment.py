@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""With and without SiFT on GLUE, several seeds, paired: the experiment behind the README's SiFT table.
+"""With and without SiFT on GLUE, several seeds, paired: the experiment behind the SiFT table of docs/benchmarks.md.
 
     # run every (task, seed, arm) not yet done, two processes at a time, then print the table
-    OMP_NUM_THREADS=1 python scripts/sift_glue_experiment.py --data_dir ../shared/data/glue \\
+    OMP_NUM_THREADS=1 python experiments/sift_glue_experiment.py --data_dir ../shared/data/glue \\
         --spm ../shared/data/tokenizers/deberta-v3/spm.model --output_dir outputs/sift-glue
 
     # only print the table of the runs done so far (markdown)
-    python scripts/sift_glue_experiment.py --output_dir outputs/sift-glue --summary
+    python experiments/sift_glue_experiment.py --output_dir outputs/sift-glue --summary
 
 Each run is `scripts/run_glue.py` (called in-process by `--parallel` worker processes, one thread each) with the
 `tiny` preset from scratch (no pretraining), the official DeBERTa-v3 SentencePiece vocabulary, 2 epochs, 64 tokens,

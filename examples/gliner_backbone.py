@@ -1,7 +1,7 @@
 """GLiNER 0.2.29 over our backbone (transformers 4.57.6: gliner requires transformers < 5.17).
 
 Run (gliner 0.2.29 needs transformers < 5.17):
-    PYTHONPATH=/tmp/gliner:.venv/transformers-4.57:. .venv/bin/python scripts/integrations/gliner_backbone.py OUT_DIR
+    PYTHONPATH=/tmp/gliner:.venv/transformers-4.57:. .venv/bin/python examples/gliner_backbone.py OUT_DIR
 with /tmp/gliner from `pip install --no-deps --target /tmp/gliner gliner==0.2.29`.
 """
 
@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomModel, save_as_transformers
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 root = sys.argv[1]
 torch.manual_seed(0)

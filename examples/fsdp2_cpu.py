@@ -2,7 +2,7 @@
 the sharded training must end with the parameters of plain single-process training on the whole batch.
 
 Run:
-    PYTHONPATH=. .venv/bin/torchrun --nproc_per_node 2 scripts/integrations/fsdp2_cpu.py OUT_DIR
+    PYTHONPATH=. .venv/bin/torchrun --nproc_per_node 2 examples/fsdp2_cpu.py OUT_DIR
 """
 
 import copy
@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForSequenceClassification
 from modeling_deberta_custom.modeling_deberta_custom import DebertaCustomLayer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,7 +1,7 @@
 """ONNX through optimum's main_export with a custom ONNX config (optimum-onnx 0.1.0, transformers 4.57.6).
 
 Run (optimum-onnx needs transformers < 4.58; here both sit in side folders, as PYTHONPATH):
-    PYTHONPATH=/tmp/optimum:.venv/transformers-4.57:. .venv/bin/python scripts/integrations/onnx_optimum.py OUT_MODEL OUT_ONNX
+    PYTHONPATH=/tmp/optimum:.venv/transformers-4.57:. .venv/bin/python examples/onnx_optimum.py OUT_MODEL OUT_ONNX
 with /tmp/optimum from `pip install --no-deps --target /tmp/optimum optimum==2.1.0 optimum-onnx==0.1.0`.
 """
 
@@ -18,7 +18,7 @@ from optimum.utils import NormalizedTextConfig
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForSequenceClassification
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class DebertaCustomOnnxConfig(TextEncoderOnnxConfig):

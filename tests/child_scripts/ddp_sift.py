@@ -1,0 +1,33 @@
+"""SiFT under DDP: run by test_sift with `torchrun --nproc_per_node 2 ddp_sift.py OUT_DIR` (tests/ on PYTHONPATH).
+Trains the first-token task with gradient accumulation and checkpointing and writes OUT_DIR/ddp.json."""
+
+import json
+import sys
+
+import torch
+from helpers import DROPOUT, FirstTokenTask, tiny_config
+from transformers import Trainer, TrainingArguments
+
+from modeling_deberta_custom import DebertaCustomForSequenceClassification
+from modeling_deberta_custom.sift import SiFTCallback
+
+torch.manual_seed(0)
+model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
+args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+                         logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                         gradient_accumulation_steps=2, activation_checkpointing=True,
+                         ddp_find_unused_parameters=False)
+callback = SiFTCallback(adv_weight=5.0)
+trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
+trainer.train()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(args.world_size)]
+torch.distributed.all_gather(gathered, flat)
+if args.process_index == 0:
+    json.dump(dict(world_size=args.world_size, max_difference=float((gathered[0] - gathered[1]).abs().max()),
+                   log_history=trainer.state.log_history, installed=callback.installed),
+              open(sys.argv[1] + "/ddp.json", "w"))
+# Leave the process group before exit: a gloo thread still running at interpreter shutdown aborts the process
+# ("terminate called without an active exception") now and then.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
