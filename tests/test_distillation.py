@@ -1,4 +1,4 @@
-"""Knowledge distillation (modeling_deberta_custom.distillation): the losses against hand computations, the Trainer
+"""Knowledge distillation (modeling_deberta_custom.training.distillation): the losses against hand computations, the Trainer
 callback (frozen teacher, logged terms, training options, a plain saved student), the MiniLMv2 relation transfer
 across widths and heads, and scripts/run_glue.py --teacher.
 
@@ -28,7 +28,7 @@ from modeling_deberta_custom import (
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
 )
-from modeling_deberta_custom.distillation import (
+from modeling_deberta_custom.training.distillation import (
     DistillationCallback,
     ProjectionRecorder,
     bernoulli_soft_target_kl,
@@ -38,7 +38,8 @@ from modeling_deberta_custom.distillation import (
     relation_loss,
     soft_target_kl,
 )
-from modeling_deberta_custom.sift import SiFTCallback
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.sift import SiFTCallback
 
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 STUDENT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)
@@ -245,10 +246,11 @@ def test_every_head_distills_with_relations(head):
     loss = student(**batch).loss
     callback.remove()
     terms = callback._means(callback._window)
-    assert set(terms) == {"kd", "task", "relation_query", "relation_key", "relation_value"}
+    assert set(terms) == {"kd_loss", "task_loss", "relation_query_loss", "relation_key_loss", "relation_value_loss"}
     assert all(value > 0 for value in terms.values())
-    assert terms["task"] == pytest.approx(plain.item(), rel=1e-5)
-    expected = 0.5 * terms["task"] + 0.5 * terms["kd"] + sum(v for k, v in terms.items() if k.startswith("relation"))
+    assert terms["task_loss"] == pytest.approx(plain.item(), rel=1e-5)
+    expected = 0.5 * terms["task_loss"] + 0.5 * terms["kd_loss"] + sum(
+        v for k, v in terms.items() if k.startswith("relation"))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -286,8 +288,8 @@ def test_teacher_is_frozen_and_every_term_is_logged(tmp_path):
 
 
 def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_path):
-    """The Trainer lists the report_to integrations before the callbacks passed to it; the distillation callback
-    moves ahead of them at on_train_begin, so a callback listed before it (standing in for TensorBoard) sees its
+    """The Trainer lists the report_to integrations before the callbacks passed to it; place_before_integrations moves
+    the distillation callback ahead of them, so a callback listed before it (standing in for TensorBoard) sees its
     terms in `logs`."""
     from transformers import TrainerCallback
 
@@ -300,8 +302,9 @@ def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_
     recorder = Recorder()
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1,
                     report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-    Trainer(model=classifier(**STUDENT), args=TrainingArguments(**settings), train_dataset=FirstTokenTask(),
-            callbacks=[recorder, DistillationCallback(classifier(1, **TEACHER))]).train()
+    trainer = Trainer(model=classifier(**STUDENT), args=TrainingArguments(**settings), train_dataset=FirstTokenTask(),
+                      callbacks=[recorder, DistillationCallback(classifier(1, **TEACHER))])
+    place_before_integrations(trainer).train()
     assert [entry for entry in recorder.seen if "loss" in entry] and all(
         "distill_kd_loss" in entry for entry in recorder.seen if "loss" in entry)
 
@@ -422,7 +425,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from test_distillation import STUDENT, TEACHER, classifier
     from test_sift import FirstTokenTask
     from transformers import Trainer, TrainingArguments
-    from modeling_deberta_custom.distillation import DistillationCallback
+    from modeling_deberta_custom.training.distillation import DistillationCallback
 
     model = classifier(**STUDENT)
     args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,

@@ -89,7 +89,7 @@ def test_distillation_under_accumulation_equals_one_large_batch(tmp_path):
     num_items_in_batch, as the head's own loss: micro-batches of 3 and 12 real tokens give the large batch's
     gradients. Added unweighted, it would count twice (the Trainer does not divide by the accumulation steps)."""
     datasets = pytest.importorskip("datasets")
-    from modeling_deberta_custom.distillation import DistillationCallback
+    from modeling_deberta_custom.training.distillation import DistillationCallback
 
     lengths = [2, 1, 12, 8]  # real tokens per row, every one labelled (the term's items are the labelled items)
     input_ids, _ = random_batch(tiny_config().vocab_size, batch=4, length=12, pad_row=None)

@@ -1,4 +1,4 @@
-"""SiFT (modeling_deberta_custom.sift): the maths as plain functions, and the Trainer callback.
+"""SiFT (modeling_deberta_custom.training.sift): the maths as plain functions, and the Trainer callback.
 
 The Trainer tests train a tiny model on a task it learns in a few steps (the label is the first token after
 [CLS]); the DDP test runs the same training in two CPU processes under torchrun."""
@@ -22,7 +22,8 @@ from modeling_deberta_custom import (
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
 )
-from modeling_deberta_custom.sift import (
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.sift import (
     SiFTCallback,
     SiFTPerturbation,
     ascent_step,
@@ -48,7 +49,7 @@ def batch_for(vocab_size=99, batch=4, length=10, num_labels=3, seed=0):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # A reference implementation of the published algorithm (DESIGN.md §2 "SiFT", DeBERTa/sift/sift.py as used by
-# DeBERTa/apps/run.py), written plainly and independently of modeling_deberta_custom.sift.
+# DeBERTa/apps/run.py), written plainly and independently of modeling_deberta_custom.training.sift.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -458,7 +459,7 @@ def test_callback_with_training_options(tmp_path, arguments):
 
 def test_sift_loss_reaches_the_report_to_integrations(tmp_path):
     """TensorBoard (a report_to integration, called before the callbacks given to the Trainer) writes sift_loss:
-    the callback moves itself ahead of the integrations. Read back from the event file."""
+    place_before_integrations moves the callback ahead of the integrations. Read back from the event file."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers.integrations import TensorBoardCallback
@@ -471,6 +472,7 @@ def test_sift_loss_reaches_the_report_to_integrations(tmp_path):
                              logging_steps=5, report_to="tensorboard", save_strategy="no", use_cpu=True,
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
+    place_before_integrations(trainer)
     trainer.train()  # (an evaluate() after it would start a second event file)
     order = [type(c) for c in trainer.callback_handler.callbacks]
     assert order.index(DefaultFlowCallback) < order.index(SiFTCallback) < order.index(TensorBoardCallback)

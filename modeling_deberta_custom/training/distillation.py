@@ -24,14 +24,24 @@ projection weight is learned: the student's saved folder stays a plain checkpoin
 distributions are not offered: they need equal head counts, and DeBERTa's attention probabilities (with the
 relative-position terms) are only available from the slow eager path (`output_attentions`).
 
-Use it with an unchanged `Trainer`: `Trainer(model=student, ..., callbacks=[DistillationCallback(teacher)])`, or in a
-custom training loop through `distillation_loss` and `relation_loss` (see their docstrings). Training-only code:
-it is not part of the remote-code files.
+Normalisation (ours; loss_terms.py): each term is a mean over the items the task loss counts (labelled tokens for
+token classification and masked-LM, rows for sequence-level heads; relations: per labelled query position, or per
+row as the mean over its real query positions), or their sum divided by the Trainer's num_items_in_batch, so that
+gradient accumulation gives the large batch's gradients for any labelling. Without labels (transfer data), token
+terms average over the real tokens. A masked-LM student with sparse logits ([K, V] at the labelled positions) is
+compared with the teacher's dense logits at those positions.
+
+Use it with an unchanged `Trainer`:
+
+    trainer = Trainer(model=student, ..., callbacks=[DistillationCallback(teacher)])
+    place_before_integrations(trainer)  # so that report_to integrations log the distill_* terms
+
+or in a custom training loop through `distillation_loss` and `relation_loss` (see their docstrings). Training-only
+code: it is not part of the remote-code files.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -39,14 +49,16 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
-from .sift import (
+from .loss_terms import (
     LABEL_ARGUMENTS,
-    check_loss_hook_arguments,
-    move_ahead_of_integrations,
+    ItemMean,
+    LossTermCallback,
+    align_logits,
+    item_mean,
     output_logits,
-    share_of_optimizer_step,
+    place_before_integrations,
+    task_loss_term,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,12 +70,15 @@ __all__ = [
     "bernoulli_soft_target_kl",
     "regression_squared_error",
     "distillation_loss",
+    "distillation_term",
     "attention_relation",
     "relation_kl",
+    "relation_kl_per_query",
     "ProjectionRecorder",
     "relation_loss",
     "check_compatible",
     "DistillationCallback",
+    "place_before_integrations",
 ]
 
 
@@ -111,37 +126,44 @@ def _logits_of(outputs) -> list[torch.Tensor]:
     return output_logits(outputs, reader="Distillation")
 
 
+def distillation_term(student_outputs, teacher_outputs, *, temperature: float = 1.0, problem_type: str | None = None,
+                      labels: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> ItemMean:
+    """The output-distillation term for one batch as (sum over the task's items, their number); see
+    `distillation_loss`."""
+    if temperature <= 0:
+        raise ValueError(f"The distillation temperature must be positive, got {temperature}")
+    terms = []
+    for student_logits, teacher_logits in zip(_logits_of(student_outputs), _logits_of(teacher_outputs), strict=True):
+        teacher_logits = align_logits(teacher_logits, student_logits, labels, ("teacher", "student"))
+        divergence = _divergence_function(student_logits, problem_type)
+        values = divergence(student_logits, teacher_logits.detach(), temperature)  # [B], [B, N] or sparse [K]
+        terms.append(item_mean(values, labels, token_mask))
+    return ItemMean.average(terms)
+
+
 def distillation_loss(student_outputs, teacher_outputs, *, temperature: float = 1.0, problem_type: str | None = None,
-                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      labels: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                      num_items_in_batch=None) -> torch.Tensor:
     """The output-distillation term for one batch, a fp32 scalar with gradient to the student. For custom loops:
 
         with torch.no_grad():
             teacher_outputs = teacher(**{k: v for k, v in batch.items() if k not in LABEL_ARGUMENTS})
         outputs = student(**batch)
-        kd = distillation_loss(outputs, teacher_outputs, temperature=2.0, problem_type=student.config.problem_type)
+        kd = distillation_loss(outputs, teacher_outputs, temperature=2.0, problem_type=student.config.problem_type,
+                               labels=batch["labels"])
         (0.5 * outputs.loss + 0.5 * kd).backward()
 
-    Mean over examples; per-token logits ([B, N, K], token classification) are averaged over the positions where
-    `token_mask` ([B, N]) is 1; question answering averages the start and end terms. The divergence follows the head
-    (module docstring): soft-target KL, Bernoulli KL for `problem_type="multi_label_classification"`, squared error
-    for one logit.
+    A mean over the items of the task loss (`labels`: labelled tokens for per-token logits [B, N, K], rows for
+    sequence-level heads), or their sum divided by `num_items_in_batch` when given, as the head's own loss; without
+    labels, per-token logits are averaged over the positions where `token_mask` ([B, N]) is 1. Sparse masked-LM
+    student logits ([K, V] at the labelled positions) are compared with the teacher's dense [B, N, V] logits at those
+    positions. Question answering averages the start and end terms. The divergence follows the head (module
+    docstring): soft-target KL, Bernoulli KL for `problem_type="multi_label_classification"`, squared error for one
+    logit.
     """
-    if temperature <= 0:
-        raise ValueError(f"The distillation temperature must be positive, got {temperature}")
-    pairs = list(zip(_logits_of(student_outputs), _logits_of(teacher_outputs), strict=True))
-    total = 0.0
-    for student_logits, teacher_logits in pairs:
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(f"Student logits {tuple(student_logits.shape)} and teacher logits "
-                             f"{tuple(teacher_logits.shape)} differ: teacher and student must share the label space")
-        values = _divergence_function(student_logits, problem_type)(student_logits, teacher_logits.detach(),
-                                                                    temperature)  # [B] or [B, N]
-        if token_mask is not None and values.dim() == 2 and tuple(token_mask.shape) == tuple(values.shape):
-            weights = token_mask.to(values.dtype)
-            total = total + (values * weights).sum() / weights.sum().clamp_min(1.0)
-        else:
-            total = total + values.mean()
-    return total / len(pairs)
+    term = distillation_term(student_outputs, teacher_outputs, temperature=temperature, problem_type=problem_type,
+                             labels=labels, token_mask=token_mask)
+    return term.loss(num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,10 +185,11 @@ def attention_relation(states: torch.Tensor, num_heads: int, key_mask: torch.Ten
     return F.log_softmax(scores, dim=-1)
 
 
-def relation_kl(student_states: torch.Tensor, teacher_states: torch.Tensor, num_heads: int,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(teacher relation || student relation) of one projection (see `attention_relation`), summed over the keys
-    and averaged over relation heads and real query positions: a fp32 scalar. Widths may differ; lengths may not."""
+def relation_kl_per_query(student_states: torch.Tensor, teacher_states: torch.Tensor, num_heads: int,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher relation || student relation) of one projection (see `attention_relation`), summed over the keys and
+    averaged over relation heads, per query position: [B, N] fp32, 0 at padding queries. Widths may differ; lengths
+    may not."""
     if student_states.shape[:2] != teacher_states.shape[:2]:
         raise ValueError(f"Student states {tuple(student_states.shape)} and teacher states "
                          f"{tuple(teacher_states.shape)} cover different tokens")
@@ -174,11 +197,29 @@ def relation_kl(student_states: torch.Tensor, teacher_states: torch.Tensor, num_
     log_teacher = attention_relation(teacher_states.detach(), num_heads, attention_mask)
     terms = log_teacher.exp() * (log_teacher - log_student)  # [B, R, N, N]
     if attention_mask is None:
-        return terms.sum(-1).mean()
+        return terms.sum(-1).mean(1)
     mask = attention_mask.to(terms.dtype)
     terms = terms * mask[:, None, None, :]  # padding keys: exactly zero
-    rows = terms.sum(-1) * mask[:, None, :]  # [B, R, N], padding queries dropped
-    return rows.sum() / (mask.sum() * num_heads).clamp_min(1.0)
+    return terms.sum(-1).mean(1) * mask  # [B, N], padding queries dropped
+
+
+def relation_kl(student_states: torch.Tensor, teacher_states: torch.Tensor, num_heads: int,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`relation_kl_per_query` averaged over the real query positions: a fp32 scalar."""
+    values = relation_kl_per_query(student_states, teacher_states, num_heads, attention_mask)
+    if attention_mask is None:
+        return values.mean()
+    return values.sum() / attention_mask.to(values.dtype).sum().clamp_min(1.0)
+
+
+def relation_term(values: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None) -> ItemMean:
+    """Per-query relation values [B, N] -> (sum over the task's items, their number): labelled query positions for
+    token-level labels, rows (each the mean over its real query positions) for sequence-level labels, real query
+    positions without labels."""
+    if labels is None or tuple(labels.shape) == tuple(values.shape):
+        return item_mean(values, labels, attention_mask)
+    real = torch.ones_like(values) if attention_mask is None else attention_mask.to(values.dtype)
+    return item_mean(values.sum(-1) / real.sum(-1).clamp_min(1.0), labels)  # [B] means per row
 
 
 def _self_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -267,36 +308,42 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class DistillationCallback(TrainerCallback):
+class DistillationCallback(LossTermCallback):
     """Distillation with an unchanged `transformers.Trainer`:
 
-        Trainer(model=student, args=args, train_dataset=..., callbacks=[DistillationCallback(teacher)])
+        trainer = Trainer(model=student, args=args, train_dataset=..., callbacks=[DistillationCallback(teacher)])
+        place_before_integrations(trainer)
 
     At `on_train_begin` the teacher is frozen (eval mode, requires_grad False) and moved to the student's device, and
     the student is hooked: a forward hook that, whenever the student runs in training mode with gradients, runs the
     teacher on the same inputs (label arguments dropped) without gradients, under the autocast the student ran in,
     and replaces `outputs.loss` by `alpha_task * loss + alpha_kd * KD + relation_weight * relation KL`. Evaluation and
     prediction are untouched. Without labels (the model returns no loss) the loss is the distillation terms alone, so
-    unlabelled transfer data works too. Calls of the student from inside its own forward hooks (SiFT's perturbed
-    passes) are left alone. `on_train_end` removes the hooks (call `remove()` if training stops on an exception). No
-    module, parameter or buffer is added to the student: its `state_dict` and saved folder are a plain checkpoint.
-    Gradient accumulation, autocast, gradient checkpointing (relations need the non-reentrant kind, which transformers
-    uses by default) and DistributedDataParallel (the hooks sit on the wrapped module; every process holds a teacher)
-    need nothing else; nothing needs saving for resume.
+    unlabelled transfer data works too. Extra passes of the student (SiFT's perturbed passes) are not distilled, and
+    the hook runs ahead of the other loss-term hooks, so alpha_task scales the task loss alone. `on_train_end` removes
+    the hooks (call `remove()` if training stops on an exception). No module, parameter or buffer is added to the
+    student: its `state_dict` and saved folder are a plain checkpoint. Gradient accumulation is exact (module
+    docstring); autocast, gradient checkpointing (relations need the non-reentrant kind, which transformers uses by
+    default) and DistributedDataParallel (the hooks sit on the wrapped module; every process holds a teacher) need
+    nothing else; nothing needs saving for resume.
 
     Settings: `temperature` (T), `alpha_task`, `alpha_kd`; relation transfer with `relation_weight` > 0:
     `relations` (among "query", "key", "value"), `relation_heads` (default: the student's attention heads),
     `teacher_layer` and `student_layer` (default: the last of each). Defaults (T = 2, alpha 0.5 / 0.5) are common
     fine-tuning choices, not from one paper; Hinton et al. put most of the weight on the soft targets.
 
-    Logged at every Trainer log (mean since the previous log, over all processes): `distill_kd_loss`,
+    Logged at every Trainer log (the mean per item since the previous log, over all processes): `distill_kd_loss`,
     `distill_task_loss`, and `distill_relation_<name>_loss` per relation; `train_distill_*` over the whole run in the
     final training log. The values are summed on the device and read only when the Trainer logs.
     """
 
+    log_prefix = "distill_"
+    runs_first = True
+
     def __init__(self, teacher: nn.Module, temperature: float = 2.0, alpha_task: float = 0.5, alpha_kd: float = 0.5,
                  relation_weight: float = 0.0, relations: Sequence[str] = RELATIONS, relation_heads: int | None = None,
                  teacher_layer: int = -1, student_layer: int = -1):
+        super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if min(alpha_task, alpha_kd, relation_weight) < 0:
@@ -306,19 +353,13 @@ class DistillationCallback(TrainerCallback):
         self.temperature, self.alpha_task, self.alpha_kd = temperature, alpha_task, alpha_kd
         self.relation_weight, self.relations, self.relation_heads = relation_weight, tuple(relations), relation_heads
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
-        self._handles: list = []
         self._recorders: tuple[ProjectionRecorder, ProjectionRecorder] | None = None
-        self._depth = 0  # nesting of student forwards: only the outermost one (depth 1) is distilled
         self._autocast: tuple[bool, torch.dtype] | None = None
-        self._window: dict[str, list] = {}  # term -> [sum on the device, count] since the last log
-        self._total: dict[str, list] = {}  # the same over the training run
-        self._reinstall = False
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
-    def install(self, model: nn.Module) -> None:
-        """Freeze the teacher, move it to `model`'s device, hook `model` (the unwrapped student). Idempotent."""
-        self.remove()
+    def setup(self, model: nn.Module) -> None:
+        """Freeze the teacher, move it to `model`'s device, record the projections of both when relations are on."""
         check_compatible(model, self.teacher)
         device = next(model.parameters()).device
         self.teacher.to(device).eval().requires_grad_(False)
@@ -336,60 +377,43 @@ class DistillationCallback(TrainerCallback):
         # The autocast state is read inside the student's forward (accelerate wraps `forward` itself in autocast;
         # hooks on the outer module run outside it), from a pre-hook on the base model, where there is one.
         inner = getattr(model, "base_model", model)
-        self._handles = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
-        ]
         if inner is not model:
-            self._handles.append(inner.register_forward_pre_hook(self._read_autocast))
+            self._handles.append(inner.register_forward_pre_hook(
+                lambda module, args: self._read_autocast(module) if self.acting(model) else None))
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def teardown(self) -> None:
         if self._recorders is not None:
             for recorder in self._recorders:
                 recorder.remove()
             self._recorders = None
-        self._depth = 0
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def _enter(self, module, args):
-        self._depth += 1
-        self._read_autocast(module, args)
+    def before_forward(self, module, acting):
+        if acting:
+            self._read_autocast(module)
         if self._recorders is not None:
-            self._recorders[0].recording = self._depth == 1 and module.training and torch.is_grad_enabled()
+            self._recorders[0].recording = acting
 
-    def _read_autocast(self, module, args):
-        if self._depth == 1:
-            device_type = next(module.parameters()).device.type
-            self._autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    def _read_autocast(self, module):
+        device_type = next(module.parameters()).device.type
+        self._autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
-    def _after_forward(self, module, args, kwargs, outputs):
-        self._depth -= 1
-        if self._depth != 0 or outputs is None or not (module.training and torch.is_grad_enabled()):
-            return None  # outputs is None when the forward raised (the hook is always called, to keep the depth)
-        inputs = dict(kwargs)
-        if args:  # name positional arguments as the forward signature does
-            inputs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    def add_terms(self, module, inputs, outputs):
+        num_items = inputs.get("num_items_in_batch")
         terms = self._terms(module, inputs, outputs)
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        total = self.alpha_kd * terms["kd"]
+        total = self.alpha_kd * terms["kd_loss"].loss(num_items)
         for name in self.relations if self._recorders is not None else ():
-            total = total + self.relation_weight * terms[f"relation_{name}"]
-        total = total * share_of_optimizer_step(inputs)  # under the Trainer's num_items_in_batch (see there)
+            total = total + self.relation_weight * terms[f"relation_{name}_loss"].loss(num_items)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is not None:
-            terms["task"] = loss.detach()
+            terms["task_loss"] = task_loss_term(loss, inputs)
             total = total + self.alpha_task * loss.float()
         outputs["loss"] = total if loss is None else total.to(loss.dtype)
-        self._accumulate(terms)
+        for name, term in terms.items():
+            self.record(name, term)
         return outputs
 
-    def _terms(self, student: nn.Module, inputs: dict, outputs) -> dict[str, torch.Tensor]:
-        teacher_inputs = {k: v for k, v in inputs.items() if k not in LABEL_ARGUMENTS}
+    def _terms(self, student: nn.Module, inputs: dict, outputs) -> dict[str, ItemMean]:
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in LABEL_ARGUMENTS + ("num_items_in_batch",)}
         device_type = next(student.parameters()).device.type
         enabled, dtype = self._autocast or (False, torch.get_autocast_dtype(device_type))
         if self._recorders is not None:
@@ -397,79 +421,27 @@ class DistillationCallback(TrainerCallback):
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             teacher_outputs = self.teacher(**teacher_inputs)
         config = getattr(student, "config", None)
+        labels = inputs.get("labels")
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() > 2:  # multiple choice: [B, C, N] -> [B * C, N]
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
-        terms = {"kd": distillation_loss(outputs, teacher_outputs, temperature=self.temperature,
-                                         problem_type=config.problem_type if config is not None else None,
-                                         token_mask=attention_mask)}
+        terms = {"kd_loss": distillation_term(outputs, teacher_outputs, temperature=self.temperature,
+                                             problem_type=config.problem_type if config is not None else None,
+                                             labels=labels, token_mask=attention_mask)}
         if self._recorders is not None:
             student_recorder, teacher_recorder = self._recorders
             states = student_recorder.states
-            if any(not states[r].requires_grad for r in self.relations if r in states):
+            missing = [r for r in self.relations if r not in states or r not in teacher_recorder.states]
+            if missing:
+                raise RuntimeError(f"No recorded {missing} projection: run the student and the teacher first")
+            if any(not states[r].requires_grad for r in self.relations):
                 raise RuntimeError("The student's attention projections carry no gradient: relation distillation "
                                    "does not work with reentrant gradient checkpointing (use "
                                    "gradient_checkpointing_kwargs={'use_reentrant': False})")
-            for name, value in relation_loss(student_recorder, teacher_recorder, self.relation_heads,
-                                             attention_mask).items():
-                terms[f"relation_{name}"] = value
+            for name in self.relations:
+                values = relation_kl_per_query(states[name], teacher_recorder.states[name], self.relation_heads,
+                                               attention_mask)
+                terms[f"relation_{name}_loss"] = relation_term(values, labels, attention_mask)
             student_recorder.states, teacher_recorder.states = {}, {}
             student_recorder.recording = teacher_recorder.recording = False  # not in checkpointed recomputation
         return terms
-
-    # -- logging ---------------------------------------------------------------------------------------------------
-
-    def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
-        for accumulator in (self._window, self._total):
-            for name, value in terms.items():
-                entry = accumulator.setdefault(name, [0.0, 0])
-                entry[0] = entry[0] + value.detach().float()
-                entry[1] += 1
-
-    @staticmethod
-    def _means(accumulator: dict[str, list]) -> dict[str, float]:
-        """Mean of each term per forward, over all processes (they log at the same steps): one host read."""
-        names = sorted(accumulator)
-        means = torch.stack([accumulator[n][0] / accumulator[n][1] for n in names])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(means)
-            means = means / torch.distributed.get_world_size()
-        return dict(zip(names, means.tolist(), strict=True))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        if "loss" in logs and self._window:
-            values, self._window = self._means(self._window), {}
-            prefix = "distill_"
-        elif "train_loss" in logs and self._total:
-            values, prefix = self._means(self._total), "train_distill_"
-        else:
-            return
-        added = {f"{prefix}{name}_loss": value for name, value in values.items()}
-        # Trainer.log appended a copy of `logs` to the history before calling the callbacks: complete it too.
-        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items()):
-            state.log_history[-1].update(added)
-        logs.update(added)
-
-    # -- Trainer events --------------------------------------------------------------------------------------------
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        check_loss_hook_arguments(args, "DistillationCallback")
-        if not move_ahead_of_integrations(self):  # so that report_to integrations receive the distill_* terms
-            logger.warning("DistillationCallback: not called by a transformers CallbackHandler; its terms reach the "
-                           "logs only after the report_to integrations have run")
-        self.install(model)
-        self._window, self._total = {}, {}
-        self._reinstall = True
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        # Once more at the first step, after every callback's on_train_begin: our forward hook then runs after the
-        # hooks other callbacks installed (SiFT's), so their extra passes of the student are nested inside the
-        # distilled forward and are not distilled themselves.
-        if self._reinstall and model is not None:
-            self.install(model)
-            self._reinstall = False
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.remove()

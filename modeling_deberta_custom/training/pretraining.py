@@ -1,157 +1,30 @@
-"""Pretraining data and bookkeeping: tokenizers, text grouping, masking collators, metrics and logging of loss terms.
+"""Pretraining data: plain text into blocks, and the masking collator for masked-LM and replaced-token detection.
 
-Training-only code: the modeling files never import it, and it is not copied next to saved weights.
-
-  * `spm_tokenizer` / `write_spm_tokenizer_folder` / `load_pretraining_tokenizer`: a SentencePiece `spm.model`
-    (the official DeBERTa-v3 one) as a transformers fast tokenizer that reproduces SentencePiece's ids exactly.
-  * `save_tokenizer` / `make_tokenizer_portable` / `PortableTokenizerCallback`: tokenizer folders (ours, and those
-    the Trainer writes) that AutoTokenizer loads under transformers 4.x as well as 5.x.
   * `group_texts` / `tokenize_and_group`: plain text -> blocks of exactly max_seq_length tokens, [CLS] ... [SEP].
   * `DebertaMaskingCollator`: masked-LM masking (80/10/10 by default), optionally of whole words, for the masked-LM
     objective and for the generator of replaced-token detection; `MaskingSeedCallback` keeps its masks reproducible
     across an interrupted and resumed training run.
-  * `PretrainingMetrics` (evaluation) and `LossTermsCallback` (training logs): the loss terms and accuracies.
+
+Tokenizers are in `tokenization.py`, the evaluation metrics and the training-log callback in `metrics.py`. Training-only
+code (the training wing): the modeling files never import it, and it is not copied next to saved weights.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import logging
 
-from .modeling_deberta_custom import sparse_prediction_positions
+from .tokenization import special_token_ids
 
 logger = logging.get_logger(__name__)
 
-SPM_SPECIAL_TOKENS = dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]",
-                          mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
 WORD_START_MARKERS = ("\u2581", "\u0120")  # SentencePiece "▁" and byte-level BPE "Ġ"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def spm_tokenizer(spm_path, model_max_length: int = 512):
-    """A transformers fast tokenizer equivalent to the SentencePiece model at `spm_path` (DeBERTa-v3 layout: [PAD],
-    [CLS], [SEP], [UNK] at ids 0-3; [MASK] added after the pieces, id 128000 for the official model).
-
-    Built here rather than by transformers' DeBERTa-v2 converter because that converter drops SentencePiece's byte
-    fallback (4.57 warns so) and, in transformers 5.x, also its normaliser (the model's precompiled NFKC map): '…',
-    emoji and other characters then become [UNK] or different ids. This conversion keeps both, and matches `sentencepiece` itself
-    id for id (tests/test_tokenizer_official.py)."""
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(spm_path, "rb") as handle:
-        proto.ParseFromString(handle.read())
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        raise ValueError(f"{spm_path} is not a Unigram SentencePiece model (DeBERTa-v3's is)")
-    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
-    unknown = [i for i, piece in enumerate(proto.pieces) if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN]
-    tokenizer = Tokenizer(Unigram(vocab, unk_id=unknown[0] if unknown else None,
-                                  byte_fallback=proto.trainer_spec.byte_fallback))
-    spec = proto.normalizer_spec
-    steps = []
-    if spec.remove_extra_whitespaces:
-        steps.append(normalizers.Strip())
-    if spec.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
-    if spec.remove_extra_whitespaces:
-        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
-    tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="always" if spec.add_dummy_prefix else "never"
-    )
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
-    specials = [SPM_SPECIAL_TOKENS[name] for name in ("pad_token", "cls_token", "sep_token", "unk_token", "mask_token")]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=model_max_length,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"], **SPM_SPECIAL_TOKENS,
-    )
-
-
-def make_tokenizer_portable(folder) -> None:
-    """Rewrite the tokenizer_config.json in `folder` so that transformers 4.x loads it too: transformers 5 writes its
-    class name `TokenizersBackend`, which 4.x lacks; both load the old name `PreTrainedTokenizerFast`. Other classes
-    (DebertaV2Tokenizer, ...) and folders without a tokenizer are left as they are."""
-    config_file = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(config_file):
-        return
-    with open(config_file, encoding="utf-8") as handle:
-        tokenizer_config = json.load(handle)
-    if tokenizer_config.get("tokenizer_class") != "TokenizersBackend":
-        return
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_file, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(tokenizer_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def save_tokenizer(tokenizer, folder) -> str:
-    """`tokenizer.save_pretrained(folder)`, loadable by AutoTokenizer under transformers 4.x and 5.x."""
-    tokenizer.save_pretrained(folder)
-    make_tokenizer_portable(folder)
-    return str(folder)
-
-
-class PortableTokenizerCallback(TrainerCallback):
-    """Makes the tokenizer in each Trainer checkpoint portable (`make_tokenizer_portable`); the Trainer saves it there
-    through `processing_class.save_pretrained`. For `trainer.save_model()` call `make_tokenizer_portable` after it."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            make_tokenizer_portable(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-
-def write_spm_tokenizer_folder(spm_path, folder, model_max_length: int = 512) -> str:
-    """Save `spm_tokenizer(spm_path)` to `folder` (tokenizer.json, tokenizer_config.json, plus a copy of spm.model) so
-    that `AutoTokenizer.from_pretrained(folder)` loads it, in transformers 4.x and 5.x alike."""
-    save_tokenizer(spm_tokenizer(spm_path, model_max_length=model_max_length), folder)
-    if os.path.abspath(os.path.join(folder, "spm.model")) != os.path.abspath(spm_path):
-        shutil.copyfile(spm_path, os.path.join(folder, "spm.model"))
-    return str(folder)
-
-
-def load_pretraining_tokenizer(path):
-    """A tokenizer from `path`: an `spm.model` file, a folder holding one without a tokenizer.json (the official
-    DeBERTa-v3 layout; converted with `spm_tokenizer`), or any folder AutoTokenizer loads (e.g. the output of
-    scripts/train_tokenizer.py, or one written by `write_spm_tokenizer_folder`)."""
-    from transformers import AutoTokenizer
-
-    path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".model"):
-        return spm_tokenizer(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
-        spm_file = os.path.join(path, "spm.model")
-        if os.path.exists(spm_file):
-            return spm_tokenizer(spm_file)
-    return AutoTokenizer.from_pretrained(path)
-
-
-def special_token_ids(tokenizer) -> list[int]:
-    return sorted({int(i) for i in tokenizer.all_special_ids if i is not None})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,173 +298,10 @@ class MaskingSeedCallback(TrainerCallback):
         self.collator.begin_evaluation()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation metrics and training logs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _per_sample_sum(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.zeros(batch, dtype=torch.float64, device=values.device).index_add_(0, rows, values.double())
-
-
-class PretrainingMetrics:
-    """`preprocess_logits_for_metrics` and `compute_metrics` for transformers.Trainer, for objective "mlm"
-    (DebertaCustomForMaskedLM) or "rtd" (DebertaCustomForRTDPreTraining).
-
-    Each evaluation batch is reduced, per sample, to sums and counts (so that nothing vocabulary-sized is kept and
-    the distributed gather drops duplicated samples exactly); compute_metrics turns the totals into
-    mlm_loss / generator_accuracy (mlm_accuracy for "mlm") and, for rtd, rtd_loss / discriminator_accuracy (with
-    the all-"original" baseline it has to beat, and precision / recall on replaced tokens) / replaced_fraction,
-    weighted by token counts."""
-
-    MLM_COLUMNS = ("mlm_loss_sum", "masked_tokens", "generator_correct")
-    RTD_COLUMNS = MLM_COLUMNS + ("rtd_loss_sum", "rtd_tokens", "discriminator_correct", "replaced_tokens",
-                                 "detected_replaced", "predicted_replaced")
-
-    def __init__(self, objective: str):
-        if objective not in ("mlm", "rtd"):
-            raise ValueError(f"objective must be 'mlm' or 'rtd', got {objective!r}")
-        self.objective = objective
-
-    def preprocess_logits_for_metrics(self, outputs, labels):
-        """Per-sample sums and counts [B, columns], computed without a host sync: dense masked-LM logits [B, N, V]
-        are scored at every position (ignored ones add 0), sparse ones [K, V] at their rows' positions."""
-        batch, length = labels.shape
-        masked = labels != -100
-        if self.objective == "mlm":
-            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-            positions = None
-            if logits.dim() == 2:  # sparse [K, V] (a model in training mode): the rows' places, as the model chose them
-                positions = sparse_prediction_positions(labels, 1.0)[:logits.shape[0]]
-        else:
-            named = dict(zip(_rtd_output_names(), outputs, strict=False))
-            logits, positions = named["generator_logits"], named["generator_positions"]
-        if positions is None:  # dense: one row per position
-            logits, positions = logits.flatten(0, 1), torch.arange(batch * length, device=labels.device)
-        targets = labels.flatten().index_select(0, positions)  # [rows], -100 where nothing is predicted
-        predicted = targets != -100
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # 0 where ignored
-        correct = ((logits.argmax(-1) == targets) & predicted).double()
-        rows = torch.div(positions, length, rounding_mode="floor")  # the sample each row belongs to
-        columns = [_per_sample_sum(token_loss, rows, batch), masked.sum(-1).double(),
-                   _per_sample_sum(correct, rows, batch)]
-        if self.objective == "rtd":
-            rtd_logits, rtd_labels = named["logits"], named["rtd_labels"]
-            counted = rtd_labels != -100
-            bce = F.binary_cross_entropy_with_logits(rtd_logits.float(), rtd_labels.clamp(min=0).float(),
-                                                     reduction="none")
-            predicted = (rtd_logits > 0) & counted
-            right = (predicted.long() == rtd_labels) & counted
-            replaced = rtd_labels == 1
-            columns += [(bce * counted).double().sum(-1), counted.sum(-1).double(), right.sum(-1).double(),
-                        replaced.sum(-1).double(), (predicted & replaced).sum(-1).double(),
-                        predicted.sum(-1).double()]
-        return torch.stack(columns, dim=-1)  # [B, number of columns]
-
-    def compute_metrics(self, eval_prediction) -> dict:
-        totals = torch.as_tensor(eval_prediction.predictions, dtype=torch.float64).reshape(
-            -1, len(self.RTD_COLUMNS if self.objective == "rtd" else self.MLM_COLUMNS)).sum(0)
-        total = dict(zip(self.RTD_COLUMNS, totals.tolist(), strict=False))
-        masked = max(total["masked_tokens"], 1.0)
-        metrics = {"mlm_loss": total["mlm_loss_sum"] / masked}
-        if self.objective == "mlm":
-            metrics["mlm_accuracy"] = total["generator_correct"] / masked
-            return metrics
-        tokens = max(total["rtd_tokens"], 1.0)
-        metrics.update(generator_accuracy=total["generator_correct"] / masked, rtd_loss=total["rtd_loss_sum"] / tokens,
-                       discriminator_accuracy=total["discriminator_correct"] / tokens,
-                       # Predicting "original" everywhere scores 1 - replaced / tokens: the accuracy to beat.
-                       discriminator_baseline_accuracy=1.0 - total["replaced_tokens"] / tokens,
-                       discriminator_recall=total["detected_replaced"] / max(total["replaced_tokens"], 1.0),
-                       discriminator_precision=total["detected_replaced"] / max(total["predicted_replaced"], 1.0),
-                       replaced_fraction=total["replaced_tokens"] / masked)
-        return metrics
-
-
-def _rtd_output_names() -> list[str]:
-    """Field order of RTDPreTrainingOutput without `loss`: the order in which Trainer hands its outputs over."""
-    from .modeling_rtd import RTDPreTrainingOutput
-
-    return [f.name for f in fields(RTDPreTrainingOutput) if f.name != "loss"]
-
-
-def _masked_lm_accuracy(logits, labels):
-    """Share of labelled positions whose argmax is the label, for dense [B, N, V] or sparse [K, V] logits (rows at
-    sparse_prediction_positions: the labelled positions first), without a host sync."""
-    if logits.dim() == 2:
-        labels = labels.flatten().index_select(0, sparse_prediction_positions(labels, 1.0)[:logits.shape[0]])
-    labelled = labels != -100
-    return ((logits.argmax(-1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
-
-
-class LossTermsCallback(TrainerCallback):
-    """Adds the mean of each loss term and accuracy since the previous log to the training logs (train_mlm_loss,
-    train_rtd_loss, train_generator_accuracy, ...), for an unchanged Trainer that only logs the summed loss.
-
-    A forward hook on the model records the terms of every training forward pass (micro-batches included); `on_log`
-    writes their means into the log entry. Insert it first in the callback list (`trainer.callback_handler.callbacks
-    .insert(0, ...)`) so the reporting integrations and the progress bar see the terms. Values are those of this
-    process (rank 0 in distributed runs)."""
-
-    RTD_TERMS = ("mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy", "replaced_fraction")
-
-    def __init__(self):
-        self._handle = None
-        self._sums: dict[str, torch.Tensor] = {}  # running sums on the model's device: read only in on_log
-        self._count = 0
-
-    @torch.no_grad()
-    def _record(self, module, args, kwargs, output):
-        if not module.training:
-            return
-        values = {}
-        if getattr(output, "rtd_loss", None) is not None:
-            values = {name: getattr(output, name) for name in self.RTD_TERMS}
-        elif getattr(output, "loss", None) is not None:  # masked-LM: the loss is the MLM loss
-            values["mlm_loss"] = output.loss
-            labels = kwargs.get("labels")
-            num_items = kwargs.get("num_items_in_batch")
-            if num_items is not None and labels is not None:  # summed over the step's tokens: this batch's mean
-                values["mlm_loss"] = output.loss * num_items / (labels != -100).sum().clamp(min=1)
-            if labels is not None and output.logits is not None:
-                values["mlm_accuracy"] = _masked_lm_accuracy(output.logits, labels)
-        # Detached device tensors, summed on the device: no host read (a device sync) in the training step.
-        for name, value in values.items():
-            value = value.detach().float()
-            self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._count += 1 if values else 0
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and self._handle is None:
-            self._handle = model.register_forward_hook(self._record, with_kwargs=True)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._count:
-            return
-        terms = {f"train_{name}": round(float(total) / self._count, 4) for name, total in self._sums.items()}
-        logs.update(terms)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(terms)
-        self._sums, self._count = {}, 0
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
 __all__ = [
     "DebertaMaskingCollator",
-    "LossTermsCallback",
     "MaskingSeedCallback",
-    "PortableTokenizerCallback",
-    "PretrainingMetrics",
     "group_texts",
-    "load_pretraining_tokenizer",
-    "make_tokenizer_portable",
-    "save_tokenizer",
-    "spm_tokenizer",
     "tokenize_and_group",
     "word_start_table",
-    "write_spm_tokenizer_folder",
 ]

@@ -20,13 +20,30 @@ SiFT perturbs the *normalized* word embeddings, so one perturbation size fits ev
    from dropout noise between them (a consistency regularizer), plus, through the clean side, a pull on the
    embedding table; the perturbation itself is a small part at these settings.
 
-How the original treats the heads, mirrored here: the ascent's `loss_fn` is --vat_loss_fn ("symmetric-kl" by
-default, "kl", "mse"); the final term is always `symmetric_kl` over the last dimension of the logits, rows being
-every other position (token classification: every token, padding included). Multi-label heads are treated as one
-softmax over the labels. A one-logit regression head (STS-B) gets an identically zero term: the softmax of one logit
-is 1, so both the ascent gradient and the final term vanish (SiFT then only costs time; the clean forward still
-goes through the normalization of step 1). Question answering (start and end logits; not in the original's apps):
-the ascent sums both, the final term averages the two.
+The perturbed passes get the clean pass's arguments, labels included (as run.py passes them). The ascent's `loss_fn`
+is --vat_loss_fn ("symmetric-kl" by default, "kl", "mse"); the final term is always `symmetric_kl` over the last
+dimension of the logits, rows being every other position. Multi-label heads are treated as one softmax over the
+labels. Question answering (start and end logits; not in the original's apps): the ascent sums both, the final term
+averages the two.
+
+Where we depart from the authors' code, on purpose:
+
+* Which rows are averaged. The authors average the term over every row (token classification: every token, padding
+  included). Here the rows are the items of the task loss (loss_terms.py): labelled tokens for token classification
+  and masked-LM, the rows of sequence classification; the sum over them is divided by the Trainer's
+  num_items_in_batch when it passes one, so gradient accumulation gives the large batch's gradient for any labelling
+  (a mean over every position cannot: padding differs between a large batch and its micro-batches). The ascent sums
+  over the same rows. Sequence-level heads, where every row is labelled, get the authors' term exactly.
+* Masked-LM heads with sparse logits ([K, V] at the labelled positions): the perturbed passes, which get the same
+  labels, select the same positions; logits that cannot be paired raise (`align_logits`).
+* One-logit (regression) heads, `regression_mode`. "zero" (ours, the default): no term (the softmax of one logit is
+  1, so a row-wise symmetric KL is identically zero); the perturbed passes are skipped. "authors": what the authors'
+  code computes: their regression head flattens its logits to [B] when given labels, and their symmetric KL then
+  reads them as one row of B classes, a softmax across the batch: a term of 2 ln B when all logits are equal, with a
+  nonzero gradient when they differ. That looks accidental (their STS-B recipes do not use SiFT), and it depends on
+  how a batch is split, so gradient accumulation cannot make it equal to the large batch.
+* `SiFTCallback(adv_weight=...)` defaults to 5, the authors' recipes' value (3 for v3-xsmall); their command-line
+  default, 0, turns SiFT off.
 
 Consequence of step 1 for the trained model: while SiFT is installed, `embeddings.LayerNorm` sees inputs already
 normalized with eps 1e-7, which is the same as a LayerNorm whose epsilon is ~eps * var(x) instead of eps. Without
@@ -34,57 +51,48 @@ the hook (after training, or when the saved model is loaded) the LayerNorm uses 
 change of its output is about eps / (2 var(x)), 1e-7 / (2 * 4e-4) ~ 1e-4 for embeddings initialized with std 0.02,
 less once they grow; tests/test_sift.py checks that logits with and without the hook agree to 1e-3.
 
-Use it with an unchanged `Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=5.0)])`, or in a custom
-training loop through `SiFTPerturbation` and `sift_loss` (see its docstring).
+Use it with an unchanged `Trainer` (`place_before_integrations` lets report_to integrations log `sift_loss`):
+
+    trainer = Trainer(..., callbacks=[SiFTCallback(adv_weight=5.0)])
+    place_before_integrations(trainer)
+
+or in a custom training loop through `SiFTPerturbation` and `sift_loss` (see its docstring).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import logging
-import sys
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-logger = logging.getLogger(__name__)
-
-# Keyword arguments of our heads (and transformers') that only feed the task loss: the perturbed passes drop them.
-LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions")
-
-
-def share_of_optimizer_step(inputs: Mapping) -> torch.Tensor | float:
-    """Weight that turns a term averaged over this micro-batch into its share of the Trainer's loss.
-
-    For heads that accept `num_items_in_batch` (masked-LM, token classification, RTD) the Trainer passes the labelled
-    items of every micro-batch of the optimizer step (and of every process, when it averages tokens across devices)
-    and then neither divides the loss by the accumulation steps nor lets DDP's averaging shrink it: the head's loss is
-    already a sum over items divided by that count. A per-micro-batch mean added to it would count accumulation-steps
-    (x processes) times over; weighted by this micro-batch's labelled items over the step's count it enters as the
-    same weighted mean (exact when the term averages over the labelled items). 1 when no count is passed."""
-    num_items = inputs.get("num_items_in_batch")
-    labels = inputs.get("labels")
-    if num_items is None or labels is None:
-        return 1.0
-    return labels.ne(-100).sum() / num_items
+from .loss_terms import (
+    ItemMean,
+    LossTermCallback,
+    align_logits,
+    extra_passes,
+    item_mask,
+    item_mean,
+    output_logits,
+    place_before_integrations,
+)
 
 __all__ = [
     "symmetric_kl",
     "kl",
     "mse",
     "ASCENT_LOSSES",
+    "REGRESSION_MODES",
     "initial_perturbation",
     "ascent_step",
     "SiFTPerturbation",
     "find_perturbed_module",
     "sift_loss",
+    "sift_term",
     "SiFTCallback",
-    "share_of_optimizer_step",
+    "place_before_integrations",
 ]
 
 
@@ -119,52 +127,10 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(_rows(logits).reshape(-1), _rows(target).reshape(-1))
 
 
-def check_loss_hook_arguments(args, owner: str) -> None:
-    """A callback that adds to the loss the model returns needs the loss computed inside the model, in one process
-    per device: refuse the Trainer settings under which it would silently do nothing."""
-    if args.n_gpu > 1:
-        raise ValueError(f"{owner} does not support nn.DataParallel (several GPUs in one process, which the Trainer "
-                         "uses without a distributed launch): launch with torchrun or accelerate (DDP)")
-    if args.label_smoothing_factor > 0:
-        raise ValueError(f"{owner} adds to the loss the model computes; with label_smoothing_factor > 0 the Trainer "
-                         "computes the loss outside the model and the added term would do nothing")
-
-
-def move_ahead_of_integrations(callback: TrainerCallback) -> bool:
-    """Place `callback` right after DefaultFlowCallback in the CallbackHandler whose event is running; False when no
-    handler is calling.
-
-    The Trainer calls callbacks in list order: DefaultFlowCallback, the report_to integrations, then the callbacks
-    given to it, so the integrations would see `logs` before the callback adds its terms. A callback gets no reference
-    to its handler; the handler is up the call stack (CallbackHandler.call_event). Moving an entry from after the
-    current position to before it leaves the remaining iteration unchanged."""
-    frame = sys._getframe(1)
-    while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
-        frame = frame.f_back
-    if frame is None:
-        return False
-    callbacks = frame.f_locals["self"].callbacks
-    callbacks.remove(callback)
-    position = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
-    callbacks.insert(position, callback)
-    return True
-
-
 # The ascent step's loss, by the original's --vat_loss_fn names.
 ASCENT_LOSSES = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
-
-
-def output_logits(outputs, reader: str = "SiFT") -> list[torch.Tensor]:
-    """The prediction tensors of a head's output: [start_logits, end_logits] for question answering, else [logits].
-    `reader` names the caller in the errors."""
-    if not isinstance(outputs, Mapping):
-        raise TypeError(f"{reader} reads model outputs as a ModelOutput or dict, got {type(outputs).__name__} "
-                        "(call the model with return_dict=True)")
-    if outputs.get("start_logits") is not None:
-        return [outputs["start_logits"], outputs["end_logits"]]
-    if outputs.get("logits") is not None:
-        return [outputs["logits"]]
-    raise ValueError(f"{reader} needs `logits` (or `start_logits`/`end_logits`) in the model output, got {list(outputs)}")
+# One-logit heads: "zero" (ours) or "authors" (a softmax across the batch); see the module docstring.
+REGRESSION_MODES = ("zero", "authors")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,6 +190,11 @@ class SiFTPerturbation:
     def installed(self) -> bool:
         return self._handle is not None
 
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """The initial perturbation for the LayerNorm input x [B, N, C] (`initial_perturbation`, from the global
+        random stream); a subclass may draw otherwise."""
+        return initial_perturbation(x.shape, self.init_perturbation, self.clamp, x.device)
+
     def __call__(self, module, args):
         x = args[0]
         compute = torch.promote_types(x.dtype, torch.float32)  # fp32 (float64 stays float64)
@@ -231,7 +202,7 @@ class SiFTPerturbation:
         if not self.adversarial:
             return (normalized,) + tuple(args[1:])
         if self.delta is None:
-            self.delta = initial_perturbation(x.shape, self.init_perturbation, self.clamp, x.device).requires_grad_()
+            self.delta = self.draw(x).requires_grad_()
         if tuple(self.delta.shape) != tuple(x.shape):
             raise ValueError(f"The perturbation has shape {tuple(self.delta.shape)}, the input {tuple(x.shape)}")
         return ((normalized.detach().to(self.delta.dtype) + self.delta).to(x.dtype),) + tuple(args[1:])
@@ -276,6 +247,75 @@ def _parameters_frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+def _prediction_rows(logits: torch.Tensor, regression_mode: str) -> torch.Tensor:
+    """The logits SiFT compares, [..., K]; a one-logit head under "authors": [B, 1] -> [1, B], one row of B classes
+    (the authors' flattened regression logits read by their symmetric KL)."""
+    if logits.shape[-1] == 1 and regression_mode == "authors":
+        return logits.reshape(1, -1)
+    return logits
+
+
+def _only_items(logits: torch.Tensor, target: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+    """`logits` at the items, `target` (detached: no gradient, no divergence to speak of) elsewhere."""
+    return logits if items is None else torch.where(items[..., None], logits, target)
+
+
+def sift_term(
+    model: nn.Module,
+    inputs: Mapping,
+    clean_outputs,
+    perturbation: SiFTPerturbation,
+    *,
+    loss_fn: str = "symmetric-kl",
+    step_size: float = 1e-4,
+    ascent_steps: int = 1,
+    delta: torch.Tensor | None = None,
+    regression_mode: str = "zero",
+) -> ItemMean:
+    """SiFT's adversarial term for one batch as (sum over the task's items, their number); `sift_loss` normalises it.
+    Arguments as `sift_loss`."""
+    if loss_fn not in ASCENT_LOSSES:
+        raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)} (the original's --vat_loss_fn), got {loss_fn!r}")
+    if regression_mode not in REGRESSION_MODES:
+        raise ValueError(f"regression_mode must be one of {REGRESSION_MODES}, got {regression_mode!r}")
+    if not perturbation.installed:
+        raise RuntimeError("sift_loss needs the SiFTPerturbation hook installed (before the clean forward)")
+    labels = inputs.get("labels")
+    clean = [_prediction_rows(c, regression_mode) for c in output_logits(clean_outputs)]
+    if regression_mode == "zero" and any(c.shape[-1] == 1 for c in clean):
+        zero = clean[0].new_zeros((), dtype=torch.promote_types(clean[0].dtype, torch.float32))
+        return ItemMean(zero, torch.ones((), dtype=torch.long, device=zero.device))
+    items = [item_mask(labels, c.shape[:-1]) for c in clean]
+    ascent_loss = ASCENT_LOSSES[loss_fn]
+
+    def perturbed_logits() -> list[torch.Tensor]:
+        outputs = output_logits(model(**inputs))
+        return [align_logits(_prediction_rows(p, regression_mode), c, labels, ("perturbed pass", "clean pass"))
+                for p, c in zip(outputs, clean, strict=True)]
+
+    perturbation.adversarial = True
+    perturbation.delta = None if delta is None else delta.detach().clone().requires_grad_()
+    try:
+        with extra_passes(model):
+            with _parameters_frozen(model):
+                for _ in range(ascent_steps):
+                    divergence = sum(ascent_loss(_only_items(p, c.detach(), m), c.detach()).sum()
+                                     for p, c, m in zip(perturbed_logits(), clean, items, strict=True))
+                    delta = perturbation.delta
+                    if delta is None or not divergence.requires_grad:
+                        raise RuntimeError(f"SiFT: the perturbed module {type(perturbation.module).__name__} is not on "
+                                           "the path from the inputs to the predictions")
+                    # backward rather than autograd.grad: reentrant gradient checkpointing supports only the former.
+                    divergence.backward()
+                    perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()
+            perturbed = perturbed_logits()
+        return ItemMean.average([item_mean(symmetric_kl(p, c).view(c.shape[:-1]), labels)
+                                 for p, c in zip(perturbed, clean, strict=True)])
+    finally:
+        perturbation.adversarial = False
+        perturbation.delta = None
+
+
 def sift_loss(
     model: nn.Module,
     inputs: Mapping,
@@ -286,6 +326,7 @@ def sift_loss(
     step_size: float = 1e-4,
     ascent_steps: int = 1,
     delta: torch.Tensor | None = None,
+    regression_mode: str = "zero",
 ) -> torch.Tensor:
     """SiFT's adversarial loss for one batch (a scalar with gradient to the model), as the original computes it:
 
@@ -295,38 +336,17 @@ def sift_loss(
         loss.backward()
 
     `model` is the module that produced `clean_outputs` from `inputs` through `perturbation` (for
-    DistributedDataParallel, the wrapped `.module`: the perturbed passes run inside the step DDP synchronizes). Label
-    arguments are dropped from the perturbed passes. `loss_fn`: the ascent's loss (the original's --vat_loss_fn:
-    "symmetric-kl", "kl" or "mse"); the returned term is always the original's `symmetric_kl`. `ascent_steps`:
-    1 as the original (0 skips the ascent; more repeat it). `delta`: the initial perturbation (default: drawn, see
-    `SiFTPerturbation`). The perturbed passes run in the model's mode: in training mode they draw fresh dropout masks.
+    DistributedDataParallel, the wrapped `.module`: the perturbed passes run inside the step DDP synchronizes); the
+    perturbed passes get the same `inputs`. The value is a mean over the task loss's items (module docstring), or
+    their sum divided by `inputs["num_items_in_batch"]` when present, as the head's own loss. `loss_fn`: the ascent's
+    loss (the original's --vat_loss_fn: "symmetric-kl", "kl" or "mse"); the returned term is always the original's
+    `symmetric_kl`. `ascent_steps`: 1 as the original (0 skips the ascent; more repeat it). `delta`: the initial
+    perturbation (default: drawn, see `SiFTPerturbation`). `regression_mode`: one-logit heads, "zero" or "authors"
+    (module docstring). The perturbed passes run in the model's mode: in training mode they draw fresh dropout masks.
     """
-    if loss_fn not in ASCENT_LOSSES:
-        raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)} (the original's --vat_loss_fn), got {loss_fn!r}")
-    if not perturbation.installed:
-        raise RuntimeError("sift_loss needs the SiFTPerturbation hook installed (before the clean forward)")
-    ascent_loss = ASCENT_LOSSES[loss_fn]
-    perturbed_inputs = {k: v for k, v in inputs.items() if k not in LABEL_ARGUMENTS}
-    clean = output_logits(clean_outputs)
-    perturbation.adversarial = True
-    perturbation.delta = None if delta is None else delta.detach().clone().requires_grad_()
-    try:
-        with _parameters_frozen(model):
-            for _ in range(ascent_steps):
-                perturbed = output_logits(model(**perturbed_inputs))
-                divergence = sum(ascent_loss(p, c.detach()).sum() for p, c in zip(perturbed, clean, strict=True))
-                delta = perturbation.delta
-                if delta is None or not divergence.requires_grad:
-                    raise RuntimeError(f"SiFT: the perturbed module {type(perturbation.module).__name__} is not on the "
-                                       "path from the inputs to the predictions")
-                # backward rather than autograd.grad: reentrant gradient checkpointing supports only the former.
-                divergence.backward()
-                perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()
-        perturbed = output_logits(model(**perturbed_inputs))
-        return sum(symmetric_kl(p, c).mean() for p, c in zip(perturbed, clean, strict=True)) / len(clean)
-    finally:
-        perturbation.adversarial = False
-        perturbation.delta = None
+    term = sift_term(model, inputs, clean_outputs, perturbation, loss_fn=loss_fn, step_size=step_size,
+                     ascent_steps=ascent_steps, delta=delta, regression_mode=regression_mode)
+    return term.loss(inputs.get("num_items_in_batch"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,133 +354,70 @@ def sift_loss(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class SiFTCallback(TrainerCallback):
+class SiFTCallback(LossTermCallback):
     """Adds SiFT to an unchanged `transformers.Trainer`: `Trainer(..., callbacks=[SiFTCallback(adv_weight=5.0)])`.
 
     At `on_train_begin` it installs the `SiFTPerturbation` pre-hook on the model's `embeddings.LayerNorm` (from then
     on every forward normalizes the LayerNorm's input, evaluation during training included, as in the original) and
     a forward hook on the model that adds `adv_weight * sift_loss(...)` to `outputs.loss` whenever the model runs in
-    training mode with gradients and a loss. The perturbed passes re-enter the model; a flag keeps the hook from
-    acting on them. `on_train_end` removes both hooks (call `remove()` yourself if training stops on an exception).
-    No module, parameter or buffer is added: `state_dict` and saving are unchanged. Because the loss changes inside
-    the model's forward, gradient accumulation, autocast (bf16/fp16), gradient checkpointing and
+    training mode with gradients and a loss (the perturbed passes are extra passes: no hook acts on them).
+    `on_train_end` removes both hooks (call `remove()` yourself if training stops on an exception). No module,
+    parameter or buffer is added: `state_dict` and saving are unchanged. Gradient accumulation is exact (the term is
+    normalised as the task loss, see loss_terms.py); autocast (bf16/fp16), gradient checkpointing and
     DistributedDataParallel (the hooks sit on the wrapped module) need nothing else. Random draws (delta, dropout)
     come from the global random stream, which the Trainer saves in checkpoints: a resumed run draws as an
     uninterrupted one.
 
-    The mean adversarial loss since the last log is added to the Trainer's logs as `sift_loss`, and its mean over
-    training as `train_sift_loss` in the final training log. The values are summed on the device and read once per
-    log. So that the report_to integrations (TensorBoard, W&B, ...) receive them, the callback moves itself ahead of
-    them in the Trainer's callback list at `on_train_begin`.
+    Logged: `sift_loss`, the mean adversarial term per item since the last log, and `train_sift_loss` over the whole
+    run in the final training log; summed on the device, read once per log. For report_to integrations to receive
+    them, call `place_before_integrations(trainer)`.
 
-    Settings (the original's names in brackets): `adv_weight` (vat_lambda), `init_perturbation`
-    (vat_init_perturbation), `step_size` (vat_learning_rate), `loss_fn` (vat_loss_fn), `perturbation_clamp`
-    (default 2 * init_perturbation, fixed in the original), `ascent_steps` (1 in the original), `eps` (1e-7 in the
-    original), `perturbed_module` (see `find_perturbed_module`).
+    Settings (the original's names in brackets): `adv_weight` (vat_lambda; default 5, the recipes' value, module
+    docstring), `init_perturbation` (vat_init_perturbation), `step_size` (vat_learning_rate), `loss_fn`
+    (vat_loss_fn), `perturbation_clamp` (default 2 * init_perturbation, fixed in the original), `ascent_steps` (1 in
+    the original), `eps` (1e-7 in the original), `perturbed_module` (see `find_perturbed_module`),
+    `regression_mode` ("zero" or "authors", for one-logit heads; module docstring).
     """
 
-    def __init__(self, adv_weight: float = 1.0, init_perturbation: float = 1e-2, step_size: float = 1e-4,
+    log_prefix = "sift_"
+
+    def __init__(self, adv_weight: float = 5.0, init_perturbation: float = 1e-2, step_size: float = 1e-4,
                  loss_fn: str = "symmetric-kl", perturbation_clamp: float | None = None, ascent_steps: int = 1,
-                 eps: float = 1e-7, perturbed_module: str | nn.Module | None = None):
+                 eps: float = 1e-7, perturbed_module: str | nn.Module | None = None, regression_mode: str = "zero"):
+        super().__init__()
         if ascent_steps < 0:
             raise ValueError(f"ascent_steps must be >= 0, got {ascent_steps}")
         if loss_fn not in ASCENT_LOSSES:
             raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)}, got {loss_fn!r}")
+        if regression_mode not in REGRESSION_MODES:
+            raise ValueError(f"regression_mode must be one of {REGRESSION_MODES}, got {regression_mode!r}")
         self.adv_weight = adv_weight
         self.perturbation_settings = dict(eps=eps, init_perturbation=init_perturbation, clamp=perturbation_clamp)
-        self.loss_settings = dict(loss_fn=loss_fn, step_size=step_size, ascent_steps=ascent_steps)
+        self.loss_settings = dict(loss_fn=loss_fn, step_size=step_size, ascent_steps=ascent_steps,
+                                  regression_mode=regression_mode)
         self.perturbed_module = perturbed_module
         self.perturbation: SiFTPerturbation | None = None
-        self._handle = None
-        self._inside = False  # within the perturbed passes
-        self._warned: set[str] = set()
-        self._window = [0.0, 0]  # adversarial loss summed since the last log (a device tensor), number of passes
-        self._total = [0.0, 0]  # the same over the whole training run
 
-    # -- hooks ---------------------------------------------------------------------------------------------------
-
-    def install(self, model: nn.Module) -> None:
-        """Hook `model` (the unwrapped module). Idempotent: an earlier installation is removed first."""
-        self.remove()
+    def setup(self, model: nn.Module) -> None:
         self.perturbation = SiFTPerturbation.install(model, self.perturbed_module, **self.perturbation_settings)
-        self._handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def teardown(self) -> None:
         if self.perturbation is not None:
             self.perturbation.remove()
             self.perturbation = None
 
-    @property
-    def installed(self) -> bool:
-        return self._handle is not None
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            logger.warning(message)
-            self._warned.add(key)
-
-    def _after_forward(self, module, args, kwargs, outputs):
-        if self._inside or not module.training or not torch.is_grad_enabled():
-            return None
+    def add_terms(self, module, inputs, outputs):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
-            self._warn_once("loss", "SiFT: the model returned no loss in training mode (no labels, a tuple output, or "
-                                    "a loss computed outside the model); the adversarial term is skipped")
+            self.warn_once("loss", "SiFT: the model returned no loss in training mode (no labels, a tuple output, or "
+                                   "a loss computed outside the model); the adversarial term is skipped")
             return None
         if any(p.shape[-1] == 1 for p in output_logits(outputs)):
-            self._warn_once("one-logit", "SiFT: a one-logit (regression) head; the original's symmetric KL of a "
-                                         "one-logit softmax is identically zero, so the adversarial term is zero")
-        inputs = dict(kwargs)
-        if args:  # name positional arguments as the forward signature does
-            inputs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-        self._inside = True
-        try:
-            adversarial = sift_loss(module, inputs, outputs, self.perturbation, **self.loss_settings)
-        finally:
-            self._inside = False
-        outputs["loss"] = loss + self.adv_weight * share_of_optimizer_step(inputs) * adversarial.to(loss.dtype)
-        for accumulator in (self._window, self._total):
-            accumulator[0] = accumulator[0] + adversarial.detach().float()
-            accumulator[1] += 1
+            mode = self.loss_settings["regression_mode"]
+            self.warn_once("one-logit", "SiFT on a one-logit (regression) head: " + (
+                "no adversarial term (regression_mode='zero', our choice; 'authors' gives the authors' softmax "
+                "across the batch)" if mode == "zero" else "the authors' term, a softmax across the batch"))
+        term = sift_term(module, inputs, outputs, self.perturbation, **self.loss_settings)
+        outputs["loss"] = loss + self.adv_weight * term.loss(inputs.get("num_items_in_batch")).to(loss.dtype)
+        self.record("loss", term)
         return outputs
-
-    # -- Trainer events --------------------------------------------------------------------------------------------
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        check_loss_hook_arguments(args, "SiFTCallback")
-        if not move_ahead_of_integrations(self):
-            self._warn_once("order", "SiFT: not called by a transformers CallbackHandler; `sift_loss` reaches the logs "
-                                     "only after the report_to integrations have run")
-        self.install(model)
-        self._window, self._total = [0.0, 0], [0.0, 0]
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.remove()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        if "loss" in logs and self._window[1] > 0:
-            self._add_to_logs(state, logs, "sift_loss", self._mean_over_processes(*self._window))
-            self._window = [0.0, 0]
-        elif "train_loss" in logs and self._total[1] > 0:
-            self._add_to_logs(state, logs, "train_sift_loss", self._mean_over_processes(*self._total))
-
-    @staticmethod
-    def _mean_over_processes(total: torch.Tensor, count: int) -> float:
-        """Mean per forward pass over every process (all processes log at the same steps)."""
-        value = total / count
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(value)
-            value = value / torch.distributed.get_world_size()
-        return value.item()
-
-    @staticmethod
-    def _add_to_logs(state, logs, key, value):
-        logs[key] = value
-        # Trainer.log appended a copy of `logs` to the history before calling the callbacks: complete it too.
-        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k != key):
-            state.log_history[-1][key] = value
