@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_deberta_custom import (
+    DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
     DebertaCustomForSequenceClassification,
@@ -307,6 +308,52 @@ def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_
     place_before_integrations(trainer).train()
     assert [entry for entry in recorder.seen if "loss" in entry] and all(
         "distill_kd_loss" in entry for entry in recorder.seen if "loss" in entry)
+
+
+def sparse_masked_lm_student_and_teacher():
+    """A masked-LM student with sparse logits in training ([K, V], labelled positions first), its copy with dense
+    logits, a wider masked-LM teacher, and a batch with 3 + 2 labelled positions (K = 10 rows)."""
+    torch.manual_seed(0)
+    student = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=0.5)).train()
+    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False)).train()
+    dense.load_state_dict(student.state_dict())
+    teacher = DebertaCustomForMaskedLM(tiny_config(**TEACHER)).eval()
+    input_ids, attention_mask = random_batch(student.config.vocab_size, batch=2, length=10)
+    labels = torch.full_like(input_ids, -100)
+    for row, column in [(0, 2), (0, 5), (0, 8), (1, 1), (1, 3)]:
+        labels[row, column] = input_ids[row, column]
+    return student, dense, teacher, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_sparse_masked_lm_student_is_distilled_at_its_labelled_positions():
+    """The student's sparse logits [K, V] are compared with the (eval-mode, dense) teacher's logits at the same
+    positions: the term is, by hand, the mean over the labelled positions of T^2 KL on dense logits."""
+    student, dense, teacher, batch = sparse_masked_lm_student_and_teacher()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(**inputs).logits, dense(**inputs).logits  # [B, N, V]
+    labelled = batch["labels"] != -100
+    expected = soft_target_kl(student_logits[labelled], teacher_logits[labelled], 2.0).mean()
+    callback = DistillationCallback(teacher, temperature=2.0)
+    callback.install(student)
+    outputs = student(**batch)
+    callback.remove()
+    assert outputs.logits.shape == (10, student.config.vocab_size)
+    terms = callback._means(callback._window)
+    assert terms["kd_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert outputs.loss.item() == pytest.approx(0.5 * terms["task_loss"] + 0.5 * terms["kd_loss"], rel=1e-5)
+
+
+def test_sparse_logits_that_cannot_be_paired_are_refused():
+    """Two sparse outputs of different budgets cover different positions: a clear error, not a label-space one."""
+    student, _, teacher, batch = sparse_masked_lm_student_and_teacher()
+    outputs = student(**batch)  # K = 10
+    student.config.sparse_mlm_max_fraction = 0.8
+    other = student(**batch)  # K = 16
+    with pytest.raises(ValueError, match="Sparse masked-LM logits .* select the same positions"):
+        distillation_loss(outputs, other, labels=batch["labels"])
+    with pytest.raises(ValueError, match="Sparse masked-LM logits"):  # without labels, no positions to gather at
+        distillation_loss(outputs, teacher(**{k: v for k, v in batch.items() if k != "labels"}))
 
 
 def test_relation_transfer_across_widths_and_heads_teaches_the_student():

@@ -4,6 +4,7 @@ The Trainer tests train a tiny model on a task it learns in a few steps (the lab
 [CLS]); the DDP test runs the same training in two CPU processes under torchrun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from modeling_deberta_custom import (
+    DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
     DebertaCustomForSequenceClassification,
@@ -250,7 +252,8 @@ def test_symmetric_kl_is_the_sum_of_two_cross_entropies_in_fp32():
     grad_p, grad_q = torch.autograd.grad(value.sum(), (p, q))
     torch.testing.assert_close(grad_p, F.softmax(p, -1) - F.softmax(q, -1))
     torch.testing.assert_close(grad_q, F.softmax(q, -1) - F.softmax(p, -1))
-    # A one-logit head gets an identically zero term, as in the original.
+    # Rows of one logit give an identically zero term (our regression_mode="zero"); the authors' code reads a
+    # one-logit head's [B] logits as one row of B classes instead (test_one_logit_heads_...).
     assert torch.equal(symmetric_kl(torch.randn(3, 1), torch.randn(3, 1)), torch.zeros(3))
 
 
@@ -308,7 +311,7 @@ def test_ascent_reaches_no_parameter_but_the_term_does():
         assert name in reached
 
 
-@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression"])
+@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression", "regression-authors"])
 def test_every_head(head):
     input_ids, attention_mask = random_batch(99, batch=4, length=10)
     if head == "token":
@@ -328,14 +331,93 @@ def test_every_head(head):
     model.train()
     perturbation = SiFTPerturbation.install(model)
     outputs = model(**batch)
-    loss = sift_loss(model, batch, outputs, perturbation)
+    loss = sift_loss(model, batch, outputs, perturbation,
+                     regression_mode="authors" if head == "regression-authors" else "zero")
     perturbation.remove()
     assert torch.isfinite(loss)
-    if head == "regression":  # the original's symmetric KL of a one-logit softmax
-        assert loss.item() == 0.0
+    if head == "regression":  # ours: no term for one logit
+        assert loss.item() == 0.0 and not loss.requires_grad
     else:
         assert loss.item() > 0
+        loss.backward(retain_graph=True)  # the term alone reaches the head's weights
+        head_weight = model.qa_outputs.weight if head == "qa" else model.classifier.weight
+        assert head_weight.grad.abs().sum() > 0
     (outputs.loss + loss).backward()
+
+
+def test_one_logit_heads_in_the_authors_mode_compare_softmaxes_across_the_batch():
+    """The authors' regression head flattens its logits to [B] and their symmetric KL reads them as one row of B
+    classes: 2 ln B when all logits are equal (both entropies of the uniform distribution), whatever delta does."""
+    torch.manual_seed(0)
+    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=1, **DROPOUT)).train()
+    with torch.no_grad():  # every row predicts 0.7: equal logits in every pass
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(0.7)
+    batch = batch_for(batch=5, num_labels=1) | dict(labels=torch.rand(5))
+    perturbation = SiFTPerturbation.install(model)
+    outputs = model(**batch)
+    authors = sift_loss(model, batch, outputs, perturbation, regression_mode="authors")
+    ours_ = sift_loss(model, batch, outputs, perturbation)
+    perturbation.remove()
+    assert authors.item() == pytest.approx(2 * math.log(5), rel=1e-6)
+    assert ours_.item() == 0.0
+    values = torch.full((5, 1), 0.7)
+    assert symmetric_kl(values.reshape(1, -1), values.reshape(1, -1)).item() == pytest.approx(2 * math.log(5))
+    with pytest.raises(ValueError, match="regression_mode"):
+        SiFTCallback(regression_mode="batch")
+
+
+def masked_lm_pair(fraction=0.5):
+    """A masked-LM head with sparse logits in training ([K, V] at the labelled positions first), the same weights with
+    dense logits, and a batch with 3 and 2 labelled positions (K = 20 * fraction rows, 5 of them labelled)."""
+    torch.manual_seed(0)
+    sparse = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=fraction)).train()
+    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False)).train()
+    dense.load_state_dict(sparse.state_dict())
+    input_ids, attention_mask = random_batch(sparse.config.vocab_size, batch=2, length=10)
+    labels = torch.full_like(input_ids, -100)
+    for row, column in [(0, 2), (0, 5), (0, 8), (1, 1), (1, 3)]:
+        labels[row, column] = input_ids[row, column]
+    return sparse, dense, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_sparse_masked_lm_logits_are_paired_position_by_position(fraction):
+    """Sparse logits [K, V] in the clean pass: the perturbed passes get the same labels and select the same positions.
+    Without the ascent the term is, by hand, the mean over the labelled positions of symmetric_kl(perturbed, clean)
+    on dense logits; with it, the dense model gives the same term. (At fraction 1, K = B * N: dense perturbed logits
+    would have the clean ones' shape but in another order.)"""
+    sparse, dense, batch = masked_lm_pair(fraction)
+    assert sparse(**batch).logits.shape == (20 * fraction, sparse.config.vocab_size)
+    delta0 = initial_delta(batch, sparse.config.hidden_size, dtype=torch.float32)
+    # By hand on dense logits, the reference perturbation layer, no ascent.
+    layer = ReferencePerturbationLayer()
+    handle = dense.deberta.embeddings.LayerNorm.register_forward_pre_hook(layer)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    clean = dense(**inputs).logits  # [B, N, V]
+    layer.adversarial, layer.delta = True, delta0
+    perturbed = dense(**inputs).logits
+    handle.remove()
+    expected = reference_symmetric_kl(perturbed, clean)[batch["labels"].flatten() != -100].mean()
+    torch.testing.assert_close(ours(sparse, batch, delta0, ascent_steps=0).double(), expected, rtol=1e-5, atol=0)
+    # With the ascent (a large step, so that it matters): sparse and dense logits give the same term.
+    torch.testing.assert_close(ours(sparse, batch, delta0, step_size=0.2), ours(dense, batch, delta0, step_size=0.2),
+                               rtol=1e-5, atol=0)
+
+
+def test_sparse_logits_that_cannot_be_paired_are_refused():
+    """Perturbed passes that select other positions (here: a different prediction budget) raise, naming the cause."""
+    sparse, _, batch = masked_lm_pair()
+    perturbation = SiFTPerturbation.install(sparse)
+    outputs = sparse(**batch)  # K = 10 rows
+    sparse.config.sparse_mlm_max_fraction = 0.8  # K = 16 rows in the perturbed passes
+    with pytest.raises(ValueError, match="Sparse masked-LM logits .* select the same positions"):
+        sift_loss(sparse, batch, outputs, perturbation)
+    perturbation.remove()
+
+
+def test_adv_weight_defaults_to_the_authors_recipes():
+    assert SiFTCallback().adv_weight == 5.0  # their recipes: 5 (3 for v3-xsmall); their command-line default 0 is off
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

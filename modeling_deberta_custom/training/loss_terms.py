@@ -188,13 +188,14 @@ def align_logits(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Te
     shapes = f"the {names[0]}'s logits {tuple(logits.shape)}, the {names[1]}'s {tuple(reference.shape)}"
     if logits.shape[-1] != reference.shape[-1]:
         raise ValueError(f"Different label spaces ({shapes}): both must predict the same classes or vocabulary")
-    sparse = reference.dim() == 2 and isinstance(labels, torch.Tensor) and _is_sparse(reference.shape[:1], labels)
-    if sparse and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(labels.shape):
+    labelled_rows = isinstance(labels, torch.Tensor) and _is_sparse(reference.shape[:1], labels)
+    if reference.dim() == 2 and logits.dim() == 3 and labelled_rows and tuple(logits.shape[:2]) == tuple(labels.shape):
         return logits.flatten(0, 1).index_select(0, sparse_positions(labels, reference.shape[0]))  # [K, V]
-    if sparse or (logits.dim() == 2 and reference.dim() == 3):
+    if {logits.dim(), reference.dim()} == {2, 3} or (logits.dim() == reference.dim() == 2 and labelled_rows):
         raise ValueError(f"Sparse masked-LM logits (rows at the labelled positions only) cannot be paired with these "
                          f"({shapes}): both passes must select the same positions (the same labels and "
-                         "sparse_mlm_max_fraction), or the other pass must return dense [B, N, V] logits of the batch")
+                         "sparse_mlm_max_fraction), or the other pass must return dense [B, N, V] logits and the "
+                         "labels be given")
     raise ValueError(f"The two passes cover different positions ({shapes})")
 
 
