@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT, perturb_parameters, random_batch, tiny_config
 from transformers import Trainer, TrainingArguments
 
+import modeling_deberta_custom.training.sift as sift_module
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
@@ -109,11 +111,12 @@ def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_s
     return term
 
 
-def ours(model, batch, delta0, **settings):
-    perturbation = SiFTPerturbation.install(model)
+def ours(model, batch, delta0, sift=sift_module, **settings):
+    """Our term through the module `sift` (modeling_deberta_custom.training.sift, or a mutated copy of it)."""
+    perturbation = sift.SiFTPerturbation.install(model)
     try:
         outputs = model(**batch)
-        return sift_loss(model, batch, outputs, perturbation, delta=delta0, **settings)
+        return sift.sift_loss(model, batch, outputs, perturbation, delta=delta0, **settings)
     finally:
         perturbation.remove()
 
@@ -154,15 +157,12 @@ def assert_relative(ours_grads, reference_grads, rtol):
         assert (mine - theirs).norm() <= rtol * theirs.norm() + 1e-9 * total, ((mine - theirs).norm(), theirs.norm())
 
 
-@pytest.mark.parametrize(("step_size", "loss_fn"), [(1e-4, "symmetric-kl"), (0.2, "symmetric-kl"), (0.2, "kl")],
-                         ids=["default", "large-step", "kl-ascent"])
-def test_term_and_every_gradient_equal_the_reference_with_dropout_off(step_size, loss_fn):
-    """Same model, batch and initial delta, dropout off: value and gradient wrt every parameter to 1e-5 relative.
-    The large step makes the ascent's share of the term large, so a skipped or reversed ascent shows clearly."""
+def check_dropout_off(sift=sift_module, step_size=1e-4, loss_fn="symmetric-kl"):
+    """Same model, batch and initial delta, dropout off: value and gradient wrt every parameter to 1e-5 relative."""
     model, batch = parity_model(), batch_for()
     delta0 = initial_delta(batch, model.config.hidden_size)
     reference_loss = {"symmetric-kl": reference_symmetric_kl, "kl": reference_kl}[loss_fn]
-    value, grads = value_and_gradients(ours(model, batch, delta0, step_size=step_size, loss_fn=loss_fn), model)
+    value, grads = value_and_gradients(ours(model, batch, delta0, sift, step_size=step_size, loss_fn=loss_fn), model)
     expected, expected_grads = value_and_gradients(
         reference(model, batch, delta0, step_size=step_size, loss_fn=reference_loss), model)
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
@@ -170,6 +170,86 @@ def test_term_and_every_gradient_equal_the_reference_with_dropout_off(step_size,
     # The term reaches the embedding table only through the clean side (the perturbed input is detached).
     word = model.deberta.embeddings.word_embeddings.weight
     assert grads[[p for p in model.parameters() if p.requires_grad].index(word)].norm() > 0
+
+
+def check_dropout_on_seeded_alike(sift=sift_module):
+    """Fresh dropout masks in each pass: with the same seed both draw the same masks in the same order."""
+    model, batch = parity_model(dropout=True), batch_for()
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    torch.manual_seed(11)
+    value, grads = value_and_gradients(ours(model, batch, delta0, sift), model)
+    torch.manual_seed(11)
+    expected, expected_grads = value_and_gradients(reference(model, batch, delta0), model)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    assert_relative(grads, expected_grads, rtol=1e-5)
+
+
+# The reference-equality checks. The large step makes the ascent's share of the term large, so that a skipped or
+# reversed ascent shows clearly.
+REFERENCE_CHECKS = {
+    "default": check_dropout_off,
+    "large-step": lambda sift=sift_module: check_dropout_off(sift, step_size=0.2),
+    "kl-ascent": lambda sift=sift_module: check_dropout_off(sift, step_size=0.2, loss_fn="kl"),
+    "dropout-seeded": check_dropout_on_seeded_alike,
+}
+
+
+@pytest.mark.parametrize("check", list(REFERENCE_CHECKS))
+def test_term_and_every_gradient_equal_the_reference(check):
+    REFERENCE_CHECKS[check]()
+
+
+# Wrong lines of training/sift.py (text as it is there -> text of the mutant). Each must fail a reference check.
+MUTATIONS = {
+    "skip the ascent": ("perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()",
+                        "perturbation.delta = delta.detach().requires_grad_()"),
+    "reverse the ascent": ("perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()",
+                           "perturbation.delta = ascent_step(delta, -delta.grad, step_size).requires_grad_()"),
+    "perturb the raw embeddings": ("return ((normalized.detach().to(self.delta.dtype) + self.delta).to(x.dtype),)",
+                                   "return ((x.detach().to(self.delta.dtype) + self.delta).to(x.dtype),)"),
+    "perturbed input not detached": ("return ((normalized.detach().to(self.delta.dtype) + self.delta)",
+                                     "return ((normalized.to(self.delta.dtype) + self.delta)"),
+    "clean pass not normalized": ("            return (normalized,) + tuple(args[1:])",
+                                  "            return (x,) + tuple(args[1:])"),
+    "detach the final term's clean side": ("item_mean(symmetric_kl(p, c).view(", "item_mean(symmetric_kl(p, c.detach()).view("),
+    "normalize with eps 1e-5": ("def __init__(self, eps: float = 1e-7,", "def __init__(self, eps: float = 1e-5,"),
+    "sum over rows instead of the mean": ("    return term.loss(inputs.get(\"num_items_in_batch\"))",
+                                          "    return term.total"),
+}
+
+
+def sift_copy(old: str = "", new: str = ""):
+    """A fresh module from the text of training/sift.py with `old` replaced by `new` (it must occur once)."""
+    path = Path(sift_module.__file__)
+    text = path.read_text()
+    if old:
+        assert text.count(old) == 1, f"the mutation's line is not (once) in {path.name}: {old!r}"
+        text = text.replace(old, new)
+    module = types.ModuleType("modeling_deberta_custom.training.sift_mutant")
+    module.__package__ = "modeling_deberta_custom.training"
+    exec(compile(text, str(path), "exec"), module.__dict__)
+    return module
+
+
+def failing_checks(sift) -> list[str]:
+    failed = []
+    for name, check in REFERENCE_CHECKS.items():
+        try:
+            check(sift)
+        except AssertionError:
+            failed.append(name)
+    return failed
+
+
+def test_an_unmutated_copy_passes_every_reference_check():
+    assert failing_checks(sift_copy()) == []
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_every_mutation_of_the_algorithm_fails_a_reference_check(mutation):
+    """The mutation check (formerly scripts/check_sift_mutations.py): each wrong line makes the reference-equality
+    test fail; the checks each mutation fails are in the README's SiFT section."""
+    assert failing_checks(sift_copy(*MUTATIONS[mutation])), f"no reference check sees the mutation {mutation!r}"
 
 
 def test_the_ascent_changes_the_term():
@@ -182,18 +262,6 @@ def test_the_ascent_changes_the_term():
     raw = reference(model, batch, delta0, raw=True, step_size=0.2).item()  # raw embeddings: delta is huge for them
     for value in (skipped, reversed_, raw):
         assert abs(value - expected) > 1e-4 * expected
-
-
-def test_term_equals_the_reference_with_dropout_on_when_seeded_alike():
-    """Fresh dropout masks in each pass: with the same seed both draw the same masks in the same order."""
-    model, batch = parity_model(dropout=True), batch_for()
-    delta0 = initial_delta(batch, model.config.hidden_size)
-    torch.manual_seed(11)
-    value, grads = value_and_gradients(ours(model, batch, delta0), model)
-    torch.manual_seed(11)
-    expected, expected_grads = value_and_gradients(reference(model, batch, delta0), model)
-    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
-    assert_relative(grads, expected_grads, rtol=1e-5)
 
 
 def test_gradient_with_dropout_on_matches_the_reference_statistically():
