@@ -140,7 +140,7 @@ def item_mean(values: torch.Tensor, labels: torch.Tensor | None = None,
         weights = real_mask.to(values.dtype)
         total, count = (values * weights).sum(), weights.sum()
     else:
-        total, count = values.sum(), torch.tensor(values.numel(), device=values.device)
+        total, count = values.sum(), values.new_full((), values.numel())  # a fill, not a host-to-device copy
     if isinstance(labels, torch.Tensor):  # rows that do not line up: the mean, counted as this batch's labelled items
         labelled = (labels != -100).sum()
         return ItemMean(total / count.clamp(min=1) * labelled, labelled)
