@@ -61,7 +61,7 @@ def tokenizer_folder(args) -> str:
     folder = Path(args.output_dir) / "tokenizer-deberta-v3"
     if not (folder / "tokenizer.json").exists():
         sys.path.insert(0, str(REPO))
-        from modeling_deberta_custom.pretraining import write_spm_tokenizer_folder
+        from modeling_deberta_custom.training.tokenization import write_spm_tokenizer_folder
 
         write_spm_tokenizer_folder(args.spm, folder)
     return str(folder)

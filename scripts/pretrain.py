@@ -41,16 +41,14 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
-from modeling_deberta_custom.pretraining import (
-    DebertaMaskingCollator,
-    LossTermsCallback,
-    MaskingSeedCallback,
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.metrics import LossTermsCallback, PretrainingMetrics
+from modeling_deberta_custom.training.pretraining import DebertaMaskingCollator, MaskingSeedCallback, tokenize_and_group
+from modeling_deberta_custom.training.tokenization import (
     PortableTokenizerCallback,
-    PretrainingMetrics,
     load_pretraining_tokenizer,
     make_tokenizer_portable,
     save_tokenizer,
-    tokenize_and_group,
 )
 
 logger = logging.getLogger("pretrain")
@@ -243,11 +241,11 @@ def main(argv=None):
         compute_metrics=metrics.compute_metrics if eval_dataset is not None else None,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics if eval_dataset is not None else None,
     )
-    # First in line, so that the reporting integrations and the progress bar see the train_* terms it adds.
-    trainer.callback_handler.callbacks.insert(0, LossTermsCallback())
+    trainer.add_callback(LossTermsCallback())  # the train_* terms, placed below ahead of the report_to integrations
     # Masks keyed by the position in training, so that a resumed run masks as the uninterrupted one (see the class).
     trainer.add_callback(MaskingSeedCallback(collator))
     trainer.add_callback(PortableTokenizerCallback())  # checkpoints' tokenizers load under transformers 4.x too
+    place_before_integrations(trainer)
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):

@@ -56,10 +56,11 @@ from transformers import (
 )
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
-from modeling_deberta_custom.distillation import DistillationCallback
-from modeling_deberta_custom.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
-from modeling_deberta_custom.pretraining import PortableTokenizerCallback, make_tokenizer_portable
-from modeling_deberta_custom.sift import SiFTCallback
+from modeling_deberta_custom.training.distillation import DistillationCallback
+from modeling_deberta_custom.training.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.sift import REGRESSION_MODES, SiFTCallback
+from modeling_deberta_custom.training.tokenization import PortableTokenizerCallback, make_tokenizer_portable
 
 logger = logging.getLogger("run_glue")
 
@@ -120,7 +121,8 @@ class DataArguments:
 
 @dataclass
 class SiFTArguments:
-    sift: bool = field(default=False, metadata={"help": "Scale-invariant fine-tuning (modeling_deberta_custom.sift)."})
+    sift: bool = field(default=False, metadata={
+        "help": "Scale-invariant fine-tuning (modeling_deberta_custom.training.sift)."})
     sift_lambda: float = field(default=5.0, metadata={
         "help": "Weight of the adversarial loss (the original's vat_lambda: 5 in its SiFT recipes, 3 for v3-xsmall)."})
     sift_init_perturbation: float = field(default=1e-2, metadata={"help": "Std of the initial perturbation."})
@@ -132,19 +134,23 @@ class SiFTArguments:
         "help": "Loss of the ascent step, the original's --vat_loss_fn: symmetric-kl, kl or mse."})
     sift_module: str | None = field(default=None, metadata={
         "help": "The LayerNorm whose input is perturbed (default: the model's embeddings.LayerNorm)."})
+    sift_regression_mode: str = field(default="zero", metadata={
+        "help": "One-logit (regression) heads such as STS-B: 'zero' (ours: no adversarial term) or 'authors' (the "
+                "authors' code: a softmax across the batch, 2 ln B at equal logits).",
+        "choices": list(REGRESSION_MODES)})
 
     def callback(self) -> SiFTCallback:
         return SiFTCallback(adv_weight=self.sift_lambda, init_perturbation=self.sift_init_perturbation,
                             perturbation_clamp=self.sift_perturbation_clamp, step_size=self.sift_step_size,
                             ascent_steps=self.sift_ascent_steps, loss_fn=self.sift_loss_fn,
-                            perturbed_module=self.sift_module)
+                            perturbed_module=self.sift_module, regression_mode=self.sift_regression_mode)
 
 
 @dataclass
 class DistillationArguments:
     teacher: str | None = field(default=None, metadata={
         "help": "Distill from this fine-tuned model (a checkpoint folder or Hub id with the same labels and tokenizer "
-                "as the student; modeling_deberta_custom.distillation)."})
+                "as the student; modeling_deberta_custom.training.distillation)."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Temperature T of the soft targets."})
     distill_alpha_task: float = field(default=0.5, metadata={"help": "Weight of the task loss (hard labels)."})
     distill_alpha_kd: float = field(default=0.5, metadata={
@@ -509,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
     if distill_args.teacher is not None:
         trainer.add_callback(distill_args.callback(model, tokenizer, model_args.cache_dir))
     trainer.add_callback(PortableTokenizerCallback())  # checkpoints' tokenizers load under transformers 4.x too
+    place_before_integrations(trainer)  # report_to integrations receive sift_loss and the distill_* terms
 
     results = {
         "task": task.name,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from modeling_deberta_custom.pretraining import save_tokenizer
+from modeling_deberta_custom.training.tokenization import save_tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 

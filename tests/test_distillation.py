@@ -1,4 +1,4 @@
-"""Knowledge distillation (modeling_deberta_custom.distillation): the losses against hand computations, the Trainer
+"""Knowledge distillation (modeling_deberta_custom.training.distillation): the losses against hand computations, the Trainer
 callback (frozen teacher, logged terms, training options, a plain saved student), the MiniLMv2 relation transfer
 across widths and heads, and scripts/run_glue.py --teacher.
 
@@ -34,12 +34,13 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_deberta_custom import (
+    DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
 )
-from modeling_deberta_custom.distillation import (
+from modeling_deberta_custom.training.distillation import (
     DistillationCallback,
     ProjectionRecorder,
     bernoulli_soft_target_kl,
@@ -49,7 +50,8 @@ from modeling_deberta_custom.distillation import (
     relation_loss,
     soft_target_kl,
 )
-from modeling_deberta_custom.sift import SiFTCallback
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.sift import SiFTCallback
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The losses, by hand
@@ -246,10 +248,11 @@ def test_every_head_distills_with_relations(head):
     loss = student(**batch).loss
     callback.remove()
     terms = callback._means(callback._window)
-    assert set(terms) == {"kd", "task", "relation_query", "relation_key", "relation_value"}
+    assert set(terms) == {"kd_loss", "task_loss", "relation_query_loss", "relation_key_loss", "relation_value_loss"}
     assert all(value > 0 for value in terms.values())
-    assert terms["task"] == pytest.approx(plain.item(), rel=1e-5)
-    expected = 0.5 * terms["task"] + 0.5 * terms["kd"] + sum(v for k, v in terms.items() if k.startswith("relation"))
+    assert terms["task_loss"] == pytest.approx(plain.item(), rel=1e-5)
+    expected = 0.5 * terms["task_loss"] + 0.5 * terms["kd_loss"] + sum(
+        v for k, v in terms.items() if k.startswith("relation"))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -287,8 +290,8 @@ def test_teacher_is_frozen_and_every_term_is_logged(tmp_path):
 
 
 def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_path):
-    """The Trainer lists the report_to integrations before the callbacks passed to it; the distillation callback
-    moves ahead of them at on_train_begin, so a callback listed before it (standing in for TensorBoard) sees its
+    """The Trainer lists the report_to integrations before the callbacks passed to it; place_before_integrations moves
+    the distillation callback ahead of them, so a callback listed before it (standing in for TensorBoard) sees its
     terms in `logs`."""
     from transformers import TrainerCallback
 
@@ -301,10 +304,57 @@ def test_terms_reach_callbacks_listed_before_it_like_report_to_integrations(tmp_
     recorder = Recorder()
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1,
                     report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-    Trainer(model=classifier(**STUDENT), args=TrainingArguments(**settings), train_dataset=FirstTokenTask(),
-            callbacks=[recorder, DistillationCallback(classifier(1, **TEACHER))]).train()
+    trainer = Trainer(model=classifier(**STUDENT), args=TrainingArguments(**settings), train_dataset=FirstTokenTask(),
+                      callbacks=[recorder, DistillationCallback(classifier(1, **TEACHER))])
+    place_before_integrations(trainer).train()
     assert [entry for entry in recorder.seen if "loss" in entry] and all(
         "distill_kd_loss" in entry for entry in recorder.seen if "loss" in entry)
+
+
+def sparse_masked_lm_student_and_teacher():
+    """A masked-LM student with sparse logits in training ([K, V], labelled positions first), its copy with dense
+    logits, a wider masked-LM teacher, and a batch with 3 + 2 labelled positions (K = 10 rows)."""
+    torch.manual_seed(0)
+    student = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=0.5)).train()
+    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False)).train()
+    dense.load_state_dict(student.state_dict())
+    teacher = DebertaCustomForMaskedLM(tiny_config(**TEACHER)).eval()
+    input_ids, attention_mask = random_batch(student.config.vocab_size, batch=2, length=10)
+    labels = torch.full_like(input_ids, -100)
+    for row, column in [(0, 2), (0, 5), (0, 8), (1, 1), (1, 3)]:
+        labels[row, column] = input_ids[row, column]
+    return student, dense, teacher, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_sparse_masked_lm_student_is_distilled_at_its_labelled_positions():
+    """The student's sparse logits [K, V] are compared with the (eval-mode, dense) teacher's logits at the same
+    positions: the term is, by hand, the mean over the labelled positions of T^2 KL on dense logits."""
+    student, dense, teacher, batch = sparse_masked_lm_student_and_teacher()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(**inputs).logits, dense(**inputs).logits  # [B, N, V]
+    labelled = batch["labels"] != -100
+    expected = soft_target_kl(student_logits[labelled], teacher_logits[labelled], 2.0).mean()
+    callback = DistillationCallback(teacher, temperature=2.0)
+    callback.install(student)
+    outputs = student(**batch)
+    callback.remove()
+    assert outputs.logits.shape == (10, student.config.vocab_size)
+    terms = callback._means(callback._window)
+    assert terms["kd_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert outputs.loss.item() == pytest.approx(0.5 * terms["task_loss"] + 0.5 * terms["kd_loss"], rel=1e-5)
+
+
+def test_sparse_logits_that_cannot_be_paired_are_refused():
+    """Two sparse outputs of different budgets cover different positions: a clear error, not a label-space one."""
+    student, _, teacher, batch = sparse_masked_lm_student_and_teacher()
+    outputs = student(**batch)  # K = 10
+    student.config.sparse_mlm_max_fraction = 0.8
+    other = student(**batch)  # K = 16
+    with pytest.raises(ValueError, match="Sparse masked-LM logits .* select the same positions"):
+        distillation_loss(outputs, other, labels=batch["labels"])
+    with pytest.raises(ValueError, match="Sparse masked-LM logits"):  # without labels, no positions to gather at
+        distillation_loss(outputs, teacher(**{k: v for k, v in batch.items() if k != "labels"}))
 
 
 def test_relation_transfer_across_widths_and_heads_teaches_the_student():

@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import AutoTokenizer
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
-from modeling_deberta_custom.glue import TASKS, get_task, load_glue, read_split, read_tsv
+from modeling_deberta_custom.training.glue import TASKS, get_task, load_glue, read_split, read_tsv
 
 spec = importlib.util.spec_from_file_location("run_glue", REPO_ROOT / "scripts" / "run_glue.py")
 run_glue = importlib.util.module_from_spec(spec)

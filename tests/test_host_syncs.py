@@ -167,7 +167,7 @@ def test_loss_terms_are_logged_without_a_host_read_per_step():
     reads them."""
     from types import SimpleNamespace
 
-    from modeling_deberta_custom.pretraining import LossTermsCallback
+    from modeling_deberta_custom.training.metrics import LossTermsCallback
 
     model = build(DebertaCustomForRTDPreTraining, "cpu", "sdpa", hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)

@@ -10,10 +10,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from modeling_deberta_custom import DebertaCustomForRTDPreTraining
-from modeling_deberta_custom.pretraining import (
+from modeling_deberta_custom.training.metrics import PretrainingMetrics
+from modeling_deberta_custom.training.pretraining import (
     DebertaMaskingCollator,
     MaskingSeedCallback,
-    PretrainingMetrics,
     group_texts,
     tokenize_and_group,
     word_start_table,

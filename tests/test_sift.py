@@ -1,11 +1,14 @@
-"""SiFT (modeling_deberta_custom.sift): the maths as plain functions, and the Trainer callback.
+"""SiFT (modeling_deberta_custom.training.sift): the maths as plain functions, and the Trainer callback.
 
 The Trainer tests train a tiny model on a task it learns in a few steps (the label is the first token after
 [CLS]); the DDP test runs the same training in two CPU processes under torchrun."""
 
 import json
+import math
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,13 +24,16 @@ from helpers import (
 )
 from transformers import Trainer, TrainingArguments
 
+import modeling_deberta_custom.training.sift as sift_module
 from modeling_deberta_custom import (
+    DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
     DebertaCustomForQuestionAnswering,
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
 )
-from modeling_deberta_custom.sift import (
+from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.sift import (
     SiFTCallback,
     SiFTPerturbation,
     ascent_step,
@@ -52,7 +58,7 @@ def batch_for(vocab_size=99, batch=4, length=10, num_labels=3, seed=0):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # A reference implementation of the published algorithm (DESIGN.md §2 "SiFT", DeBERTa/sift/sift.py as used by
-# DeBERTa/apps/run.py), written plainly and independently of modeling_deberta_custom.sift.
+# DeBERTa/apps/run.py), written plainly and independently of modeling_deberta_custom.training.sift.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -110,11 +116,12 @@ def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_s
     return term
 
 
-def ours(model, batch, delta0, **settings):
-    perturbation = SiFTPerturbation.install(model)
+def ours(model, batch, delta0, sift=sift_module, **settings):
+    """Our term through the module `sift` (modeling_deberta_custom.training.sift, or a mutated copy of it)."""
+    perturbation = sift.SiFTPerturbation.install(model)
     try:
         outputs = model(**batch)
-        return sift_loss(model, batch, outputs, perturbation, delta=delta0, **settings)
+        return sift.sift_loss(model, batch, outputs, perturbation, delta=delta0, **settings)
     finally:
         perturbation.remove()
 
@@ -155,15 +162,12 @@ def assert_relative(ours_grads, reference_grads, rtol):
         assert (mine - theirs).norm() <= rtol * theirs.norm() + 1e-9 * total, ((mine - theirs).norm(), theirs.norm())
 
 
-@pytest.mark.parametrize(("step_size", "loss_fn"), [(1e-4, "symmetric-kl"), (0.2, "symmetric-kl"), (0.2, "kl")],
-                         ids=["default", "large-step", "kl-ascent"])
-def test_term_and_every_gradient_equal_the_reference_with_dropout_off(step_size, loss_fn):
-    """Same model, batch and initial delta, dropout off: value and gradient wrt every parameter to 1e-5 relative.
-    The large step makes the ascent's share of the term large, so a skipped or reversed ascent shows clearly."""
+def check_dropout_off(sift=sift_module, step_size=1e-4, loss_fn="symmetric-kl"):
+    """Same model, batch and initial delta, dropout off: value and gradient wrt every parameter to 1e-5 relative."""
     model, batch = parity_model(), batch_for()
     delta0 = initial_delta(batch, model.config.hidden_size)
     reference_loss = {"symmetric-kl": reference_symmetric_kl, "kl": reference_kl}[loss_fn]
-    value, grads = value_and_gradients(ours(model, batch, delta0, step_size=step_size, loss_fn=loss_fn), model)
+    value, grads = value_and_gradients(ours(model, batch, delta0, sift, step_size=step_size, loss_fn=loss_fn), model)
     expected, expected_grads = value_and_gradients(
         reference(model, batch, delta0, step_size=step_size, loss_fn=reference_loss), model)
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
@@ -171,6 +175,86 @@ def test_term_and_every_gradient_equal_the_reference_with_dropout_off(step_size,
     # The term reaches the embedding table only through the clean side (the perturbed input is detached).
     word = model.deberta.embeddings.word_embeddings.weight
     assert grads[[p for p in model.parameters() if p.requires_grad].index(word)].norm() > 0
+
+
+def check_dropout_on_seeded_alike(sift=sift_module):
+    """Fresh dropout masks in each pass: with the same seed both draw the same masks in the same order."""
+    model, batch = parity_model(dropout=True), batch_for()
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    torch.manual_seed(11)
+    value, grads = value_and_gradients(ours(model, batch, delta0, sift), model)
+    torch.manual_seed(11)
+    expected, expected_grads = value_and_gradients(reference(model, batch, delta0), model)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    assert_relative(grads, expected_grads, rtol=1e-5)
+
+
+# The reference-equality checks. The large step makes the ascent's share of the term large, so that a skipped or
+# reversed ascent shows clearly.
+REFERENCE_CHECKS = {
+    "default": check_dropout_off,
+    "large-step": lambda sift=sift_module: check_dropout_off(sift, step_size=0.2),
+    "kl-ascent": lambda sift=sift_module: check_dropout_off(sift, step_size=0.2, loss_fn="kl"),
+    "dropout-seeded": check_dropout_on_seeded_alike,
+}
+
+
+@pytest.mark.parametrize("check", list(REFERENCE_CHECKS))
+def test_term_and_every_gradient_equal_the_reference(check):
+    REFERENCE_CHECKS[check]()
+
+
+# Wrong lines of training/sift.py (text as it is there -> text of the mutant). Each must fail a reference check.
+MUTATIONS = {
+    "skip the ascent": ("perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()",
+                        "perturbation.delta = delta.detach().requires_grad_()"),
+    "reverse the ascent": ("perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()",
+                           "perturbation.delta = ascent_step(delta, -delta.grad, step_size).requires_grad_()"),
+    "perturb the raw embeddings": ("return ((normalized.detach().to(self.delta.dtype) + self.delta).to(x.dtype),)",
+                                   "return ((x.detach().to(self.delta.dtype) + self.delta).to(x.dtype),)"),
+    "perturbed input not detached": ("return ((normalized.detach().to(self.delta.dtype) + self.delta)",
+                                     "return ((normalized.to(self.delta.dtype) + self.delta)"),
+    "clean pass not normalized": ("            return (normalized,) + tuple(args[1:])",
+                                  "            return (x,) + tuple(args[1:])"),
+    "detach the final term's clean side": ("item_mean(symmetric_kl(p, c).view(", "item_mean(symmetric_kl(p, c.detach()).view("),
+    "normalize with eps 1e-5": ("def __init__(self, eps: float = 1e-7,", "def __init__(self, eps: float = 1e-5,"),
+    "sum over rows instead of the mean": ("    return term.loss(inputs.get(\"num_items_in_batch\"))",
+                                          "    return term.total"),
+}
+
+
+def sift_copy(old: str = "", new: str = ""):
+    """A fresh module from the text of training/sift.py with `old` replaced by `new` (it must occur once)."""
+    path = Path(sift_module.__file__)
+    text = path.read_text()
+    if old:
+        assert text.count(old) == 1, f"the mutation's line is not (once) in {path.name}: {old!r}"
+        text = text.replace(old, new)
+    module = types.ModuleType("modeling_deberta_custom.training.sift_mutant")
+    module.__package__ = "modeling_deberta_custom.training"
+    exec(compile(text, str(path), "exec"), module.__dict__)
+    return module
+
+
+def failing_checks(sift) -> list[str]:
+    failed = []
+    for name, check in REFERENCE_CHECKS.items():
+        try:
+            check(sift)
+        except AssertionError:
+            failed.append(name)
+    return failed
+
+
+def test_an_unmutated_copy_passes_every_reference_check():
+    assert failing_checks(sift_copy()) == []
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_every_mutation_of_the_algorithm_fails_a_reference_check(mutation):
+    """The mutation check (formerly scripts/check_sift_mutations.py): each wrong line makes the reference-equality
+    test fail; the checks each mutation fails are in the README's SiFT section."""
+    assert failing_checks(sift_copy(*MUTATIONS[mutation])), f"no reference check sees the mutation {mutation!r}"
 
 
 def test_the_ascent_changes_the_term():
@@ -183,18 +267,6 @@ def test_the_ascent_changes_the_term():
     raw = reference(model, batch, delta0, raw=True, step_size=0.2).item()  # raw embeddings: delta is huge for them
     for value in (skipped, reversed_, raw):
         assert abs(value - expected) > 1e-4 * expected
-
-
-def test_term_equals_the_reference_with_dropout_on_when_seeded_alike():
-    """Fresh dropout masks in each pass: with the same seed both draw the same masks in the same order."""
-    model, batch = parity_model(dropout=True), batch_for()
-    delta0 = initial_delta(batch, model.config.hidden_size)
-    torch.manual_seed(11)
-    value, grads = value_and_gradients(ours(model, batch, delta0), model)
-    torch.manual_seed(11)
-    expected, expected_grads = value_and_gradients(reference(model, batch, delta0), model)
-    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
-    assert_relative(grads, expected_grads, rtol=1e-5)
 
 
 def test_gradient_with_dropout_on_matches_the_reference_statistically():
@@ -253,7 +325,8 @@ def test_symmetric_kl_is_the_sum_of_two_cross_entropies_in_fp32():
     grad_p, grad_q = torch.autograd.grad(value.sum(), (p, q))
     torch.testing.assert_close(grad_p, F.softmax(p, -1) - F.softmax(q, -1))
     torch.testing.assert_close(grad_q, F.softmax(q, -1) - F.softmax(p, -1))
-    # A one-logit head gets an identically zero term, as in the original.
+    # Rows of one logit give an identically zero term (our regression_mode="zero"); the authors' code reads a
+    # one-logit head's [B] logits as one row of B classes instead (test_one_logit_heads_...).
     assert torch.equal(symmetric_kl(torch.randn(3, 1), torch.randn(3, 1)), torch.zeros(3))
 
 
@@ -311,7 +384,7 @@ def test_ascent_reaches_no_parameter_but_the_term_does():
         assert name in reached
 
 
-@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression"])
+@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression", "regression-authors"])
 def test_every_head(head):
     input_ids, attention_mask = random_batch(99, batch=4, length=10)
     if head == "token":
@@ -331,14 +404,93 @@ def test_every_head(head):
     model.train()
     perturbation = SiFTPerturbation.install(model)
     outputs = model(**batch)
-    loss = sift_loss(model, batch, outputs, perturbation)
+    loss = sift_loss(model, batch, outputs, perturbation,
+                     regression_mode="authors" if head == "regression-authors" else "zero")
     perturbation.remove()
     assert torch.isfinite(loss)
-    if head == "regression":  # the original's symmetric KL of a one-logit softmax
-        assert loss.item() == 0.0
+    if head == "regression":  # ours: no term for one logit
+        assert loss.item() == 0.0 and not loss.requires_grad
     else:
         assert loss.item() > 0
+        loss.backward(retain_graph=True)  # the term alone reaches the head's weights
+        head_weight = model.qa_outputs.weight if head == "qa" else model.classifier.weight
+        assert head_weight.grad.abs().sum() > 0
     (outputs.loss + loss).backward()
+
+
+def test_one_logit_heads_in_the_authors_mode_compare_softmaxes_across_the_batch():
+    """The authors' regression head flattens its logits to [B] and their symmetric KL reads them as one row of B
+    classes: 2 ln B when all logits are equal (both entropies of the uniform distribution), whatever delta does."""
+    torch.manual_seed(0)
+    model = DebertaCustomForSequenceClassification(tiny_config(num_labels=1, **DROPOUT)).train()
+    with torch.no_grad():  # every row predicts 0.7: equal logits in every pass
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(0.7)
+    batch = batch_for(batch=5, num_labels=1) | dict(labels=torch.rand(5))
+    perturbation = SiFTPerturbation.install(model)
+    outputs = model(**batch)
+    authors = sift_loss(model, batch, outputs, perturbation, regression_mode="authors")
+    ours_ = sift_loss(model, batch, outputs, perturbation)
+    perturbation.remove()
+    assert authors.item() == pytest.approx(2 * math.log(5), rel=1e-6)
+    assert ours_.item() == 0.0
+    values = torch.full((5, 1), 0.7)
+    assert symmetric_kl(values.reshape(1, -1), values.reshape(1, -1)).item() == pytest.approx(2 * math.log(5))
+    with pytest.raises(ValueError, match="regression_mode"):
+        SiFTCallback(regression_mode="batch")
+
+
+def masked_lm_pair(fraction=0.5):
+    """A masked-LM head with sparse logits in training ([K, V] at the labelled positions first), the same weights with
+    dense logits, and a batch with 3 and 2 labelled positions (K = 20 * fraction rows, 5 of them labelled)."""
+    torch.manual_seed(0)
+    sparse = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=fraction)).train()
+    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False)).train()
+    dense.load_state_dict(sparse.state_dict())
+    input_ids, attention_mask = random_batch(sparse.config.vocab_size, batch=2, length=10)
+    labels = torch.full_like(input_ids, -100)
+    for row, column in [(0, 2), (0, 5), (0, 8), (1, 1), (1, 3)]:
+        labels[row, column] = input_ids[row, column]
+    return sparse, dense, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_sparse_masked_lm_logits_are_paired_position_by_position(fraction):
+    """Sparse logits [K, V] in the clean pass: the perturbed passes get the same labels and select the same positions.
+    Without the ascent the term is, by hand, the mean over the labelled positions of symmetric_kl(perturbed, clean)
+    on dense logits; with it, the dense model gives the same term. (At fraction 1, K = B * N: dense perturbed logits
+    would have the clean ones' shape but in another order.)"""
+    sparse, dense, batch = masked_lm_pair(fraction)
+    assert sparse(**batch).logits.shape == (20 * fraction, sparse.config.vocab_size)
+    delta0 = initial_delta(batch, sparse.config.hidden_size, dtype=torch.float32)
+    # By hand on dense logits, the reference perturbation layer, no ascent.
+    layer = ReferencePerturbationLayer()
+    handle = dense.deberta.embeddings.LayerNorm.register_forward_pre_hook(layer)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    clean = dense(**inputs).logits  # [B, N, V]
+    layer.adversarial, layer.delta = True, delta0
+    perturbed = dense(**inputs).logits
+    handle.remove()
+    expected = reference_symmetric_kl(perturbed, clean)[batch["labels"].flatten() != -100].mean()
+    torch.testing.assert_close(ours(sparse, batch, delta0, ascent_steps=0).double(), expected, rtol=1e-5, atol=0)
+    # With the ascent (a large step, so that it matters): sparse and dense logits give the same term.
+    torch.testing.assert_close(ours(sparse, batch, delta0, step_size=0.2), ours(dense, batch, delta0, step_size=0.2),
+                               rtol=1e-5, atol=0)
+
+
+def test_sparse_logits_that_cannot_be_paired_are_refused():
+    """Perturbed passes that select other positions (here: a different prediction budget) raise, naming the cause."""
+    sparse, _, batch = masked_lm_pair()
+    perturbation = SiFTPerturbation.install(sparse)
+    outputs = sparse(**batch)  # K = 10 rows
+    sparse.config.sparse_mlm_max_fraction = 0.8  # K = 16 rows in the perturbed passes
+    with pytest.raises(ValueError, match="Sparse masked-LM logits .* select the same positions"):
+        sift_loss(sparse, batch, outputs, perturbation)
+    perturbation.remove()
+
+
+def test_adv_weight_defaults_to_the_authors_recipes():
+    assert SiFTCallback().adv_weight == 5.0  # their recipes: 5 (3 for v3-xsmall); their command-line default 0 is off
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -444,7 +596,7 @@ def test_callback_with_training_options(tmp_path, arguments):
 
 def test_sift_loss_reaches_the_report_to_integrations(tmp_path):
     """TensorBoard (a report_to integration, called before the callbacks given to the Trainer) writes sift_loss:
-    the callback moves itself ahead of the integrations. Read back from the event file."""
+    place_before_integrations moves the callback ahead of the integrations. Read back from the event file."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers.integrations import TensorBoardCallback
@@ -457,6 +609,7 @@ def test_sift_loss_reaches_the_report_to_integrations(tmp_path):
                              logging_steps=5, report_to="tensorboard", save_strategy="no", use_cpu=True,
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=FirstTokenTask(), callbacks=[callback])
+    place_before_integrations(trainer)
     trainer.train()  # (an evaluate() after it would start a second event file)
     order = [type(c) for c in trainer.callback_handler.callbacks]
     assert order.index(DefaultFlowCallback) < order.index(SiFTCallback) < order.index(TensorBoardCallback)

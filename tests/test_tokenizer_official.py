@@ -10,7 +10,7 @@ Two routes:
     SentencePiece's NFKC normaliser and byte fallback (10 of the 37 fixture strings -- '…', emoji, '₣', a literal
     '▁', CJK with byte-fallback pieces -- come out differently) and 4.57's fast converter drops the byte fallback
     (it warns so): marked xfail below, not hidden.
-  * `write_spm_tokenizer_folder` (modeling_deberta_custom.pretraining): a tokenizer.json converted with the
+  * `write_spm_tokenizer_folder` (modeling_deberta_custom.training.tokenization): a tokenizer.json converted with the
     normaliser and byte fallback kept, loaded by AutoTokenizer; it reproduces every fixture and sentencepiece itself.
 """
 
@@ -34,7 +34,7 @@ def fixtures(model="deberta-v3-base"):
 
 @pytest.fixture(scope="module")
 def converted_folder(tmp_path_factory):
-    from modeling_deberta_custom.pretraining import write_spm_tokenizer_folder
+    from modeling_deberta_custom.training.tokenization import write_spm_tokenizer_folder
 
     folder = tmp_path_factory.mktemp("deberta-v3-tokenizer")
     write_spm_tokenizer_folder(SPM_DIR / "spm.model", folder)
@@ -125,7 +125,7 @@ def test_hub_layout_reproduces_every_fixture(hub_layout):
 
 
 def test_pretraining_loader_accepts_the_spm_file_and_its_folder(tmp_path):
-    from modeling_deberta_custom.pretraining import load_pretraining_tokenizer
+    from modeling_deberta_custom.training.tokenization import load_pretraining_tokenizer
 
     shutil.copyfile(SPM_DIR / "spm.model", tmp_path / "spm.model")
     for source in (SPM_DIR / "spm.model", tmp_path):

@@ -8,7 +8,7 @@ import torch
 from helpers import STUDENT, TEACHER, FirstTokenTask, first_token_classifier
 from transformers import Trainer, TrainingArguments
 
-from modeling_deberta_custom.distillation import DistillationCallback
+from modeling_deberta_custom.training.distillation import DistillationCallback
 
 model = first_token_classifier(**STUDENT)
 args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,

@@ -9,7 +9,7 @@ from helpers import DROPOUT, FirstTokenTask, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
-from modeling_deberta_custom.sift import SiFTCallback
+from modeling_deberta_custom.training.sift import SiFTCallback
 
 torch.manual_seed(0)
 model = DebertaCustomForSequenceClassification(tiny_config(num_labels=2, vocab_size=30, **DROPOUT))
