@@ -108,10 +108,9 @@ def test_usage_block_runs(tmp_path, tiny_spm_model):
             .replace("path/to/deberta-v3-base/spm.model", str(tiny_spm_model))
             .replace("microsoft/deberta-v3-base", str(official))
             .replace("configuration/base.json", str(REPO_ROOT / "configuration" / "tiny.json")))
-    code += ("\nimport json, os\n"
-             "print(json.dumps({'reloaded': type(reloaded).__name__, 'mlm': type(mlm).__name__,\n"
-             "                  'transformers_files': sorted(os.listdir('for-transformers')),\n"
-             "                  'tokenizer_files': sorted(os.listdir('deberta-v3-tokenizer'))}))\n")
+    report = ("{'reloaded': type(reloaded).__name__, 'mlm': type(mlm).__name__, 'transformers_files': "
+              "sorted(os.listdir('for-transformers')), 'tokenizer_files': sorted(os.listdir('deberta-v3-tokenizer'))}")
+    code += f"\nimport json, os; print(json.dumps({report}))\n"  # what the block left behind
     (tmp_path / "work").mkdir()
     (tmp_path / "usage.py").write_text(code, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
