@@ -84,7 +84,9 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
     """Everything the attention layers need about relative positions (see RelativePositions); computed once per
     forward from the lengths, so that no layer repeats it. Only Python ints decide the branches: no host sync, and
     under torch.compile one graph serves every length."""
-    if not cpu_kernels_apply(device):  # the one branch into attention_cpu.py: its layouts, then its kernels
+    # The one branch into attention_cpu.py: its layouts here, then its kernels (sdpa_attention). flex_attention reads
+    # only `rows`, so it gets nothing else, on any device (no [Nq, Nk] index: attention memory stays linear in N).
+    if config._attn_implementation == "flex_attention" or not cpu_kernels_apply(device):
         return RelativePositions(relative_distance_rows(query_length, key_length, config, device), 0,
                                  2 * config.relative_span)
     if one_row_per_distance(query_length, key_length, config):

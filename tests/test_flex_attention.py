@@ -10,8 +10,10 @@ path needs (no attention dropout; a GPU). Each new shape compiles FlexAttention 
 import pytest
 import torch
 from conftest import perturb_parameters, random_batch, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel
+from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention
 
 # Lengths 4 / 40 / 100 in the tiny geometry: one table row per distance, bucketed rows, past max_position (64).
 CONFIGS = {
@@ -138,3 +140,56 @@ def test_flex_compiles_once_across_lengths_and_batch_sizes():
         assert_flex_matches_eager(eager, compiled, input_ids, attention_mask)
     # Two graphs at most: lengths up to 128 fill one block of keys, and dynamo specialises sizes of 1.
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations over 4 shapes"
+
+
+class LargeAllocations(TorchDispatchMode):
+    """Records every operation whose output owns storage of at least `limit` elements (views are not counted)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.found = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes() >= self.limit * tensor.element_size():
+                self.found.append((str(func), tuple(tensor.shape), tensor.dtype))
+        return output
+
+
+def kernel_stand_in(query, *args, **kwargs):
+    return torch.empty_like(query)
+
+
+@pytest.mark.parametrize("model_class", [DebertaCustomModel, DebertaCustomForMaskedLM])
+def test_flex_path_allocates_nothing_quadratic_at_16k(monkeypatch, model_class):
+    """What the flex path builds around the kernel (relative rows, products, block mask, EMD) grows linearly with N:
+    at N = 16384 on the meta device no operation allocates N * N elements (the [N, N] int64 relative index that the
+    other paths gather with was 2 GiB there). FlexAttention's kernel itself is replaced by a stand-in of the same
+    output: on a GPU it is fused, and on meta it cannot run."""
+    length = 16384
+    monkeypatch.setattr(attention, "_compiled_flex_attention", lambda dynamic: kernel_stand_in)
+    config = tiny_config(max_position_embeddings=length, sparse_mlm_logits=False)
+    with torch.device("meta"):
+        model = model_class._from_config(config, attn_implementation="flex_attention").eval()
+    input_ids = torch.zeros(2, length, dtype=torch.long, device="meta")
+    attention_mask = torch.ones(2, length, dtype=torch.long, device="meta")
+    with torch.no_grad(), LargeAllocations(length * length) as allocations:
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+    assert output[0].shape[:2] == (2, length)
+    assert allocations.found == []
+    # The same check sees the eager path's [N, N] tensors (a recorder that sees nothing would pass above).
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), LargeAllocations(length * length) as allocations:
+        model(input_ids=input_ids[:1], attention_mask=attention_mask[:1])
+    assert allocations.found
+
+
+def test_flex_on_cpu_gets_no_cpu_layouts():
+    """On CPU too, the flex path's relative positions are the per-distance rows only (no [N, N] index for the CPU
+    kernels, which flex never calls)."""
+    config = tiny_config()
+    assert attention.relative_positions(300, 300, config, "cpu").cpu is not None  # sdpa / eager: the CPU layouts
+    config._attn_implementation = "flex_attention"
+    relative = attention.relative_positions(300, 300, config, "cpu")
+    assert relative.cpu is None and relative.rows.shape == (599,) and relative.num_rows == 2 * config.relative_span
