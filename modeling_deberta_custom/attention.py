@@ -100,9 +100,31 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Key mask
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class KeyMask(NamedTuple):
+    """Which keys the queries attend, prepared once per forward and shared by every layer: `keys` [B, 1, 1, Nk]
+    (True = attend) and, for flex_attention, the same mask as FlexAttention blocks (flex_key_blocks), so that no
+    layer rebuilds it."""
+
+    keys: torch.Tensor
+    flex_blocks: object | None = None  # torch.nn.attention.flex_attention.BlockMask
+
+
+def prepare_key_mask(token_mask: torch.Tensor, implementation: str | None) -> KeyMask:
+    """[B, N] token mask (True = real token) -> the KeyMask of self-attention over those tokens. A row with no real
+    token attends to every position rather than to none, so that softmax stays finite."""
+    keys = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
+    blocks = flex_key_blocks(keys, token_mask.shape[-1]) if implementation == "flex_attention" else None
+    return KeyMask(keys, blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Disentangled attention
 #
-# Every implementation takes (query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training) and
+# Every implementation takes (query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training) and
 # returns (context [B, H, Nq, D], probabilities or None); DebertaCustomSelfAttention picks one from
 # ATTENTION_FUNCTIONS by config._attn_implementation. Speed tricks measured on CPU live in attention_cpu.py.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,33 +149,34 @@ def position_scores(query, key, pos_key, pos_query, relative, scale):
     return scores
 
 
-def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V. key_mask
-    [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+def eager_attention(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
+    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V, keys masked by
+    mask.keys [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities
+    [B, H, Nq, Nk]."""
     scores = torch.matmul(query * scale, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
     position = position_scores(query, key, pos_key, pos_query, relative, scale)
     if position is not None:
         scores = scores + position
-    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~mask.keys, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, value), probs
 
 
-def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+def sdpa_attention(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
     """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
     once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
     the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
     probabilities."""
     dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.keys, dropout_p=dropout,
                                               scale=scale), None
     if relative.cpu is not None:  # prepared for attention_cpu.py's kernels (see relative_positions)
-        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout,
+        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, mask.keys, scale, dropout,
                                   training), None
     bias = position_scores(query, key, pos_key, pos_query, relative, scale)  # [B, H, Nq, Nk]
-    bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    bias = bias.masked_fill(~mask.keys, torch.finfo(bias.dtype).min)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
 
 
@@ -209,12 +232,21 @@ def padding_block_mask(key_mask, query_length):
                                     seq_lengths=(query_length, key_length))
 
 
-def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+def flex_key_blocks(keys, query_length):
+    """The padding block mask (padding_block_mask) of keys [B, 1, 1, Nk] for flex_attention_path: on CPU for the
+    whole blocks that path runs on (padded keys False, never attended)."""
+    if keys.device.type == "cpu":
+        keys = F.pad(keys, (0, -keys.shape[-1] % FLEX_BLOCK_SIZE))
+        query_length += -query_length % FLEX_BLOCK_SIZE
+    return padding_block_mask(keys, query_length)
+
+
+def flex_attention_path(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
     """Fused path: torch's FlexAttention computes the content scores block by block and adds the position terms
     inside the kernel (score_mod), read from the compact products c2p [B, H, Nq, R] and p2c [B, H, Nk, R]; padding
-    is a block mask (padding_block_mask). No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
-    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients, since
-    torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
+    is a block mask (mask.flex_blocks, built once per forward by prepare_key_mask). No [Nq, Nk] tensor is built, so
+    attention memory grows linearly with N, forward and backward (FlexAttention's backward recomputes the scores and
+    returns the products' gradients, since torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
     needs attention_probs_dropout_prob=0 and a GPU. Inside torch.compile it joins the caller's graph; outside it runs
     compiled on its own. No probabilities."""
     if training and dropout > 0:
@@ -250,8 +282,7 @@ def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mas
         # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
         query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
         key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
-        key_mask = F.pad(key_mask, (0, -key_length % FLEX_BLOCK_SIZE))  # padded keys: False, never attended
-    block_mask = padding_block_mask(key_mask, query.shape[-2])
+    block_mask = mask.flex_blocks if mask.flex_blocks is not None else flex_key_blocks(mask.keys, query_length)
     if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
         flex_attention = _flex_attention_uncompiled()
     else:
@@ -344,7 +375,7 @@ class DebertaCustomSelfAttention(nn.Module):
             pos_query = self.split_heads(query_proj(rel_embeddings))
         return pos_key, pos_query
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
         if query_states is None:
             query_states = hidden_states
@@ -357,7 +388,7 @@ class DebertaCustomSelfAttention(nn.Module):
         if output_attentions or implementation not in ATTENTION_FUNCTIONS:
             implementation = "eager"
         context, probs = ATTENTION_FUNCTIONS[implementation](
-            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
+            query, key, value, pos_key, pos_query, relative, mask, self.scale, self.attention_dropout,
             self.training
         )
         context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]

@@ -193,3 +193,21 @@ def test_flex_on_cpu_gets_no_cpu_layouts():
     config._attn_implementation = "flex_attention"
     relative = attention.relative_positions(300, 300, config, "cpu")
     assert relative.cpu is None and relative.rows.shape == (599,) and relative.num_rows == 2 * config.relative_span
+
+
+@pytest.mark.parametrize(("model_class", "builds"), [(DebertaCustomModel, 1), (DebertaCustomForMaskedLM, 2)])
+def test_padding_block_mask_is_built_once_per_forward(monkeypatch, model_class, builds):
+    """The encoder builds the FlexAttention block mask once and every layer reads it; the Enhanced Mask Decoder
+    builds its own once for all its passes. (Counted with the kernel replaced: what is counted is ours.)"""
+    calls = []
+    build = attention.padding_block_mask
+    monkeypatch.setattr(attention, "padding_block_mask", lambda *args: calls.append(args) or build(*args))
+    monkeypatch.setattr(attention, "_compiled_flex_attention", lambda dynamic: kernel_stand_in)
+    model = model_class._from_config(tiny_config(num_hidden_layers=4, sparse_mlm_logits=False),
+                                     attn_implementation="flex_attention").eval()
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=40)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        assert len(calls) == builds
+        model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)  # eager: no block mask
+    assert len(calls) == builds + (model_class is DebertaCustomForMaskedLM)  # (the decoder runs flex still)
