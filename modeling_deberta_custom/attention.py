@@ -180,28 +180,60 @@ def sdpa_attention(query, key, value, pos_key, pos_query, relative, mask, scale,
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
 
 
-def _flex_attention_uncompiled():
+def flex_with_positions(query, key, value, c2p, p2c, rows, block_mask, scale):
+    """FlexAttention with the position terms added inside the kernel: score = q_i . k_j * scale + c2p[i, row] +
+    p2c[j, row], row = rows[i - j + Nk - 1], for the pairs block_mask lets through. c2p [B, H, Nq, R] and p2c
+    [B, H, Nk, R] may each be None; rows [Nq + Nk - 1] as in RelativePositions. Lengths need not be multiples of
+    the block size.
+
+    The score_mod closure is made here, from tensors passed in, so that compiled on its own (_compiled_flex_attention)
+    dynamo guards on these arguments only, not on a new Python closure, its cells and ints in every call."""
     from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5; imported only by this path
 
-    return flex_attention
+    if c2p is None and p2c is None:
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+    query_length = c2p.shape[-2] if c2p is not None else rows.shape[0] + 1 - p2c.shape[-2]
+    key_length = rows.shape[0] + 1 - query_length
+
+    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
+        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
+        # its reads inside the tensors.
+        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
+        row = rows[i - j + key_length - 1]
+        if c2p is not None:
+            score = score + c2p[batch, head, i, row]
+        return score if p2c is None else score + p2c[batch, head, j, row]
+
+    return flex_attention(query, key, value, score_mod=add_position_scores, block_mask=block_mask, scale=scale)
 
 
 # FlexAttention's key-block size: a block whose keys are all padding is skipped, one with no padding takes the fast
 # unmasked kernel, the rest apply the key mask element by element.
 FLEX_BLOCK_SIZE = 128
 
+# Cache entries dynamo may keep for the standalone compiled flex function (its default, 8 per function, is shared by
+# everything it guards on). Past the limit torch silently runs FlexAttention unfused, materialising every [N, N]
+# score. In a user's eager loop each combination of dtype, grad mode, batch size 1 or more, one key block or more
+# (and, on CPU, where shapes are static, every padded length and batch size) is an entry: 2 x 2 x 2 x 2 = 16 on a
+# GPU. On CPU a new shape costs a few seconds of compile, far less than the unfused path at long lengths.
+FLEX_RECOMPILE_LIMIT = 64
+
 
 @functools.cache
 def _compiled_flex_attention(dynamic: bool):
-    """torch's flex_attention compiled once per process (FlexAttention runs unfused, materialising every score,
-    unless compiled). dynamic=None on GPU: after the first shape one graph serves every batch size and length.
-    Static shapes on CPU, where inductor's flex kernel cannot take dynamic shapes (torch 2.13.0: see
-    FLEX_STATIC_ON_CPU)."""
-    return torch.compile(_flex_attention_uncompiled(), dynamic=None if dynamic else False)
+    """flex_with_positions compiled once per process, for calls outside torch.compile (FlexAttention runs unfused,
+    materialising every score, unless compiled). Dynamic shapes from the first call on GPU: one graph serves every
+    batch size above 1 and every length above one block. Static shapes on CPU, where inductor's flex kernel cannot
+    take dynamic shapes (torch 2.13.0: see FLEX_STATIC_ON_CPU). Its own recompile limit: FLEX_RECOMPILE_LIMIT."""
+    compiled = torch.compile(flex_with_positions, dynamic=dynamic, backend=FLEX_COMPILE_BACKEND)
+    return torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT)(compiled)
 
+
+FLEX_COMPILE_BACKEND = "inductor"  # tests count compilations with another backend
 
 # Measured with torch 2.13.0 on CPU: torch.compile(flex_attention, dynamic=True) fails to build inductor's CPU kernel
-# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew (a few seconds) and dynamo's recompile limit applies.
+# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew
+# (a few seconds).
 FLEX_STATIC_ON_CPU = True
 
 
@@ -266,28 +298,21 @@ def flex_attention_path(query, key, value, pos_key, pos_query, relative, mask, s
     p2c = None if pos_query is None else torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
     query_length, key_length = query.shape[-2], key.shape[-2]
     rows = None if relative is None else relative.rows
-
-    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
-        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
-        # its reads inside the tensors.
-        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
-        row = rows[i - j + key_length - 1]
-        if c2p is not None:
-            score = score + c2p[batch, head, i, row]
-        return score if p2c is None else score + p2c[batch, head, j, row]
-
-    score_mod = None if c2p is None and p2c is None else add_position_scores
     if query.device.type == "cpu":
         # torch 2.13.0's CPU kernel reads past the end of a partial last block (measured: wrong or NaN outputs at
-        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
-        query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
-        key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
+        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks. The
+        # products and rows are padded too, so that the CPU's static-shape compiles depend on the block count only.
+        pad_query, pad_key = -query_length % FLEX_BLOCK_SIZE, -key_length % FLEX_BLOCK_SIZE
+        query, c2p = (None if t is None else F.pad(t, (0, 0, 0, pad_query)) for t in (query, c2p))
+        key, value, p2c = (None if t is None else F.pad(t, (0, 0, 0, pad_key)) for t in (key, value, p2c))
+        if rows is not None:  # the padded pairs' distances reach past both ends: they read the end rows
+            rows = torch.cat([rows[:1].expand(pad_key), rows, rows[-1:].expand(pad_query)])
     block_mask = mask.flex_blocks if mask.flex_blocks is not None else flex_key_blocks(mask.keys, query_length)
     if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
-        flex_attention = _flex_attention_uncompiled()
+        flex = flex_with_positions
     else:
-        flex_attention = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
-    context = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        flex = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
+    context = flex(query, key, value, c2p, p2c, rows, block_mask, scale)
     return context[:, :, :query_length], None
 
 

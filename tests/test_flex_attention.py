@@ -7,9 +7,12 @@ padding included; bf16 stays finite; the model compiles with fullgraph=True; and
 path needs (no attention dropout; a GPU). Each new shape compiles FlexAttention once (a few seconds on two cores).
 """
 
+import itertools
+
 import pytest
 import torch
 from conftest import perturb_parameters, random_batch, tiny_config
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -211,3 +214,118 @@ def test_padding_block_mask_is_built_once_per_forward(monkeypatch, model_class, 
         assert len(calls) == builds
         model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)  # eager: no block mask
     assert len(calls) == builds + (model_class is DebertaCustomForMaskedLM)  # (the decoder runs flex still)
+
+
+# A user's eager loop: batch 1 and 2, three lengths (one key block, past max_position, several blocks), eval and
+# train mode, fp32 and bf16.
+LOOP = list(itertools.product((torch.float32, torch.bfloat16), (False, True), (1, 2), (12, 100, 300)))
+
+
+@pytest.fixture
+def counted_standalone_flex(monkeypatch):
+    """The standalone compiled flex function (used outside torch.compile) with a backend that counts dynamo's
+    compilations, freshly compiled for the test."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(attention, "FLEX_COMPILE_BACKEND", counter)
+    attention._compiled_flex_attention.cache_clear()
+    counters.clear()
+    yield counter
+    attention._compiled_flex_attention.cache_clear()
+
+
+def fell_back_to_unfused():
+    """Whether dynamo gave up on a frame at its recompile limit (it then runs FlexAttention unfused)."""
+    return [reason for reason in counters["unimplemented"] if "recompile limit" in reason.lower()]
+
+
+def run_loop(model, loop):
+    for dtype, train, batch, length in loop:
+        model.to(dtype).train(train)
+        input_ids, attention_mask = random_batch(model.config.vocab_size, batch=batch, length=length)
+        with torch.no_grad():  # (no FlexAttention backward on CPU: train mode, no gradient)
+            model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["cpu_static_shapes", "dynamic_shapes"])
+def test_standalone_flex_compiles_a_bounded_number_of_times(monkeypatch, counted_standalone_flex, static):
+    """Over a user's eager loop of 24 calls the standalone compiled function compiles at most 8 times and never falls
+    back to the unfused kernel. It guards on its tensors only (the score_mod closure is made inside it); CPU pads
+    every tensor to whole blocks, so its static shapes change with the block count only; with dynamic shapes (the
+    GPU setting) what remains are dtype, batch 1 or more, and one key block or more. Train mode runs without
+    gradient here (no FlexAttention backward on CPU), so grad mode, which doubles the count on a GPU, is not seen.
+    b69ce70 compiled flex_attention itself with a new closure per call and fell back on this loop."""
+    monkeypatch.setattr(attention, "FLEX_STATIC_ON_CPU", static)
+    model = DebertaCustomModel._from_config(tiny_config(), attn_implementation="flex_attention")
+    run_loop(model, LOOP)
+    assert 0 < counted_standalone_flex.frame_count <= 8
+    assert not fell_back_to_unfused()
+
+
+def test_standalone_flex_has_its_own_recompile_limit(monkeypatch, counted_standalone_flex):
+    """FLEX_RECOMPILE_LIMIT is what the standalone function runs under (and the fallback check above sees a
+    fallback): at a limit of 2, the third shape falls back."""
+    assert attention.FLEX_RECOMPILE_LIMIT >= 2 * 2 * 2 * 2  # dtype x grad mode x batch 1 x one key block (GPU)
+    monkeypatch.setattr(attention, "FLEX_RECOMPILE_LIMIT", 2)
+    model = DebertaCustomModel._from_config(tiny_config(), attn_implementation="flex_attention")
+    run_loop(model, [(torch.float32, False, 1, 12), (torch.float32, False, 2, 12), (torch.float32, False, 2, 300)])
+    assert counted_standalone_flex.frame_count == 2
+    assert fell_back_to_unfused()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_cuda_standalone_flex_compiles_a_bounded_number_of_times_with_training(counted_standalone_flex):
+    """The GPU version of the loop above, training with gradients (dynamo's frames counted, kernels unfused): grad
+    mode doubles the entries, to at most 16, within FLEX_RECOMPILE_LIMIT."""
+    model = DebertaCustomModel._from_config(tiny_config(), attn_implementation="flex_attention").cuda()
+    for dtype, train, batch, length in LOOP:
+        model.to(dtype).train(train)
+        input_ids, attention_mask = (t.cuda() for t in random_batch(model.config.vocab_size, batch=batch,
+                                                                     length=length))
+        with torch.set_grad_enabled(train):
+            output = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if train:
+                output.float().square().mean().backward()
+    print(f"standalone flex, {len(LOOP)} calls with training: {counted_standalone_flex.frame_count} compilations")
+    assert 0 < counted_standalone_flex.frame_count <= 16 <= attention.FLEX_RECOMPILE_LIMIT
+    assert not fell_back_to_unfused()
+
+
+@requires_cuda
+def test_cuda_standalone_flex_runs_fused_and_bounded(monkeypatch):
+    """With inductor, as users run it: a shorter loop (compiling fused kernels takes a while), counted and checked
+    against sdpa in the same dtype."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(attention, "FLEX_COMPILE_BACKEND", counter)
+    attention._compiled_flex_attention.cache_clear()
+    counters.clear()
+    torch.manual_seed(0)
+    flex = DebertaCustomModel._from_config(tiny_config(), attn_implementation="flex_attention").cuda()
+    perturb_parameters(flex, scale=0.1)
+    sdpa = DebertaCustomModel._from_config(tiny_config(), attn_implementation="sdpa").cuda()
+    sdpa.load_state_dict(flex.state_dict())
+    for dtype, train, batch, length in [(torch.bfloat16, False, 1, 100), (torch.bfloat16, False, 2, 300),
+                                        (torch.bfloat16, False, 2, 1000), (torch.bfloat16, False, 3, 700),
+                                        (torch.bfloat16, True, 2, 300), (torch.bfloat16, True, 4, 1000)]:
+        flex.to(dtype).train(train)
+        sdpa.to(dtype).train(train)
+        input_ids, attention_mask = (t.cuda() for t in random_batch(flex.config.vocab_size, batch=batch,
+                                                                     length=length))
+        with torch.set_grad_enabled(train):
+            actual = flex(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if train:
+                actual.float().square().mean().backward()
+        with torch.no_grad():
+            expected = sdpa(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        real = attention_mask.bool().cuda()
+        assert (actual.float() - expected.float())[real].abs().max() < 0.1, (batch, length)
+    print(f"standalone flex with inductor, 6 calls: {counter.frame_count} compilations")
+    assert 0 < counter.frame_count <= 4, counter.frame_count  # batch 1, eval; batch > 1 eval; train
+    assert not fell_back_to_unfused()
+    attention._compiled_flex_attention.cache_clear()
