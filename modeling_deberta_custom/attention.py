@@ -226,7 +226,8 @@ def _compiled_flex_attention(dynamic: bool):
     batch size above 1 and every length above one block. Static shapes on CPU, where inductor's flex kernel cannot
     take dynamic shapes (torch 2.13.0: see FLEX_STATIC_ON_CPU). Its own recompile limit: FLEX_RECOMPILE_LIMIT."""
     compiled = torch.compile(flex_with_positions, dynamic=dynamic, backend=FLEX_COMPILE_BACKEND)
-    return torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT)(compiled)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    return torch._dynamo.config.patch(**{name: FLEX_RECOMPILE_LIMIT})(compiled)
 
 
 FLEX_COMPILE_BACKEND = "inductor"  # tests count compilations with another backend
