@@ -37,7 +37,14 @@ from transformers.utils import ModelOutput
 # transformers 4.x copies out of a local folder only the siblings that the auto_map file itself names in `from .x
 # import y` lines, not theirs: attention_cpu.py (imported by attention.py) is named here for that alone
 # (tests/test_remote_code.py checks that every auto_map file names each wing file it reaches).
-from .attention import ATTENTION_FUNCTIONS, DebertaCustomSelfAttention, RelativePositions, relative_positions
+from .attention import (
+    ATTENTION_FUNCTIONS,
+    DebertaCustomSelfAttention,
+    KeyMask,
+    RelativePositions,
+    prepare_key_mask,
+    relative_positions,
+)
 from .attention_cpu import cpu_kernels_apply  # noqa: F401  (see above)
 from .configuration_deberta_custom import DebertaCustomConfig
 from .loading import (
@@ -104,9 +111,9 @@ class DebertaCustomAttention(nn.Module):
         self.self = DebertaCustomSelfAttention(config)
         self.output = DebertaCustomResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
-        context, probs = self.self(hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions)
+        context, probs = self.self(hidden_states, mask, relative, rel_embeddings, query_states, output_attentions)
         # The residual is the query: in EMD passes it is the decoder's query, not the keys.
         residual = hidden_states if query_states is None else query_states
         return self.output(context, residual), probs
@@ -129,10 +136,10 @@ class DebertaCustomLayer(GradientCheckpointingLayer):
         self.intermediate = DebertaCustomIntermediate(config)
         self.output = DebertaCustomResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
         attention_output, probs = self.attention(
-            hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions
+            hidden_states, mask, relative, rel_embeddings, query_states, output_attentions
         )
         return self.output(self.intermediate(attention_output), attention_output), probs
 
@@ -180,11 +187,14 @@ class DebertaCustomEncoder(nn.Module):
             return None
         return relative_positions(length, length, self.config, device)
 
+    def key_mask(self, token_mask, output_attentions=False) -> KeyMask:
+        """The key mask of self-attention over [B, N] tokens (see KeyMask); with output_attentions the layers run
+        eager, which needs no FlexAttention blocks."""
+        return prepare_key_mask(token_mask, "eager" if output_attentions else self.config._attn_implementation)
+
     def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
-        # A row with no real token attends to every position rather than to none, so that softmax stays finite.
-        key_mask = token_mask | ~token_mask.any(-1, keepdim=True)
-        key_mask = key_mask[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
         # Once per forward, shared by every layer: the key mask, relative positions and the relative table.
+        mask = self.key_mask(token_mask, output_attentions)
         relative = self.relative_index(embeddings.shape[1], embeddings.device)
         rel_embeddings = self.relative_embeddings()
 
@@ -192,7 +202,7 @@ class DebertaCustomEncoder(nn.Module):
         all_attentions = () if output_attentions else None
         hidden_states = embeddings
         for i, layer in enumerate(self.layer):
-            hidden_states, probs = layer(hidden_states, key_mask, relative, rel_embeddings,
+            hidden_states, probs = layer(hidden_states, mask, relative, rel_embeddings,
                                          output_attentions=output_attentions)
             if i == 0 and self.conv is not None:
                 hidden_states = self.conv(embeddings, hidden_states, token_mask[..., None].to(hidden_states.dtype))
@@ -535,13 +545,13 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         encoder = self.deberta.encoder
         context = hidden_states[-2]  # keys and values: the second-to-last layer
         query = context + self.deberta.embeddings.position_embeddings(position_ids)
-        key_mask = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]
+        mask = encoder.key_mask(token_mask)  # the decoder's own (once per forward, shared by its passes)
         rel_index = encoder.relative_index(context.shape[1], context.device)
         rel_embeddings = encoder.relative_embeddings()
         last_layer = encoder.layer[-1]
         for _ in range(self.config.emd_num_passes):
             # Positional: reentrant gradient checkpointing only re-feeds positional tensors to the recomputation.
-            query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query)
+            query, _ = last_layer(context, mask, rel_index, rel_embeddings, query)
         return query
 
     def decode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
