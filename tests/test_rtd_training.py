@@ -377,3 +377,36 @@ def test_pretrain_script_trains_rtd_decoupled_by_default(pretrain_script):
     args, train_args = parse(pretrain_script, "--rtd_training", "joint", "--generator_learning_rate", "1e-3")
     with pytest.raises(ValueError, match="decoupled"):
         pretrain_script.rtd_optimizer(args, train_args, rtd_model())
+
+
+def test_pretrain_script_runs_decoupled_end_to_end(pretrain_script, tmp_path, monkeypatch):
+    """main() with no RTD option: the Trainer gets the decoupled optimizer, logs each model's norm and rate."""
+    import datasets
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    words = "the king and queen walked through the garden where roses were growing in the morning".split()
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=generator)) for _ in range(40)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]",
+                                                                                 "[MASK]"]))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                            unk_token="[UNK]", mask_token="[MASK]").save_pretrained(tmp_path / "tokenizer")
+    trainer = pretrain_script.main([
+        "--objective", "rtd", "--model_preset", "tiny", "--tokenizer", str(tmp_path / "tokenizer"),
+        "--train_files", str(tmp_path / "train.txt"), "--validation_split_percentage", "0", "--max_seq_length", "16",
+        "--per_device_train_batch_size", "4", "--max_steps", "2", "--logging_steps", "1", "--use_cpu",
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--dataloader_num_workers", "0",
+        "--discriminator_learning_rate", "3e-5", "--output_dir", str(tmp_path / "out")])
+    optimizer = trainer.optimizer.optimizer  # inside accelerate's wrapper
+    assert {group["rtd_model"] for group in optimizer.param_groups} == {GENERATOR, DISCRIMINATOR}
+    assert trainer.args.max_grad_norm == 0
+    logged = trainer.state.log_history[0]
+    assert {"generator_grad_norm", "discriminator_grad_norm", "train_rtd_loss"} <= logged.keys()
+    assert logged["discriminator_learning_rate"] < logged["generator_learning_rate"]
