@@ -6,6 +6,10 @@ Objectives:
   rtd  replaced-token detection (DeBERTaV3, DebertaCustomForRTDPreTraining): generator + discriminator with
        gradient-disentangled embedding sharing (config rtd_embedding_sharing), loss = MLM + rtd_loss_weight * RTD;
        rtd_mask_probability of the tokens, every one [MASK], as the original RTD task.
+       --rtd_training decoupled (default, the authors'): the generator and the discriminator each get their own
+       learning rate (--generator_learning_rate / --discriminator_learning_rate, default --learning_rate) and their own
+       gradient clip at --max_grad_norm (modeling_deberta_custom.training.rtd_training). --rtd_training joint: one
+       optimizer and one global clip on the summed loss (this script's behaviour before; needed under DeepSpeed/FSDP).
 
 Text files are read line by line through `datasets`, tokenized, concatenated and cut into blocks of exactly
 --max_seq_length tokens ([CLS] ... [SEP]). Every TrainingArguments flag works (--max_steps, --learning_rate,
@@ -50,6 +54,11 @@ from modeling_deberta_custom.training.tokenization import (
     make_tokenizer_portable,
     save_tokenizer,
 )
+from modeling_deberta_custom.training.rtd_training import (
+    RTD_TRAINING_MODES,
+    DecoupledRTDCallback,
+    decoupled_rtd_optimizer,
+)
 
 logger = logging.getLogger("pretrain")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configuration"
@@ -89,6 +98,16 @@ class PretrainingArguments:
                 "--model_preset / --config_path): for rtd a discriminator (our export, or an official DeBERTa-v3 "
                 "checkpoint such as microsoft/deberta-v3-xsmall), whose tables also seed the generator; for mlm a "
                 "masked-LM checkpoint"})
+    rtd_training: str = field(default="decoupled", metadata={
+        "help": "rtd only: decoupled (the authors' default: generator and discriminator each with their own learning "
+                "rate, optimizer step and gradient clip at --max_grad_norm) or joint (one optimizer, one global clip on "
+                "MLM + lambda * RTD: earlier runs of this script, and the one that works under DeepSpeed / FSDP)",
+        "choices": list(RTD_TRAINING_MODES)})
+    generator_learning_rate: float | None = field(default=None, metadata={
+        "aliases": ["--generator_lr"], "help": "rtd decoupled: the generator's peak learning rate (default --learning_rate)"})
+    discriminator_learning_rate: float | None = field(default=None, metadata={
+        "aliases": ["--discriminator_lr"],
+        "help": "rtd decoupled: the discriminator's peak learning rate (default --learning_rate)"})
     export_discriminator: str | None = field(default=None, metadata={
         "help": "rtd only: after training, write the discriminator (E_G + E_delta merged) here, with the tokenizer, "
                 "as a checkpoint that DebertaCustomModel and every task head load"})
@@ -144,6 +163,19 @@ def init_model(args: PretrainingArguments, model_class, vocab_size: int):
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings="
                          f"{model.config.max_position_embeddings} of {args.init_from}")
     return model.train()
+
+
+def rtd_optimizer(args: PretrainingArguments, training_args: TrainingArguments, model):
+    """The optimizer of decoupled RTD training (it also turns the Trainer's global clip off), or None for the
+    Trainer's own (joint training, masked-LM)."""
+    decoupled = args.objective == "rtd" and args.rtd_training == "decoupled"
+    if not decoupled:
+        if args.generator_learning_rate is not None or args.discriminator_learning_rate is not None:
+            raise ValueError("--generator_learning_rate / --discriminator_learning_rate need --objective rtd with "
+                             "--rtd_training decoupled")
+        return None
+    return decoupled_rtd_optimizer(model, training_args, generator_lr=args.generator_learning_rate,
+                                   discriminator_lr=args.discriminator_learning_rate)
 
 
 def load_blocks(args: PretrainingArguments, tokenizer, training_args: TrainingArguments):
@@ -231,6 +263,7 @@ def main(argv=None):
         seed=training_args.seed,
     )
     metrics = PretrainingMetrics(args.objective)
+    optimizer = rtd_optimizer(args, training_args, model)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -240,11 +273,14 @@ def main(argv=None):
         processing_class=tokenizer,
         compute_metrics=metrics.compute_metrics if eval_dataset is not None else None,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics if eval_dataset is not None else None,
+        optimizers=(optimizer, None),
     )
     trainer.add_callback(LossTermsCallback())  # the train_* terms, placed below ahead of the report_to integrations
     # Masks keyed by the position in training, so that a resumed run masks as the uninterrupted one (see the class).
     trainer.add_callback(MaskingSeedCallback(collator))
     trainer.add_callback(PortableTokenizerCallback())  # checkpoints' tokenizers load under transformers 4.x too
+    if optimizer is not None:  # each model's gradient norm and learning rate in the logs
+        trainer.callback_handler.callbacks.insert(1, DecoupledRTDCallback())
     place_before_integrations(trainer)
 
     resume = training_args.resume_from_checkpoint
@@ -273,11 +309,13 @@ def main(argv=None):
 
     if trainer.is_world_process_zero():
         terms = ["loss", "train_mlm_loss", "train_mlm_accuracy", "train_rtd_loss", "train_generator_accuracy",
-                 "train_discriminator_accuracy", "eval_loss", "eval_mlm_loss", "eval_mlm_accuracy", "eval_rtd_loss",
+                 "train_discriminator_accuracy", "grad_norm", "generator_grad_norm", "discriminator_grad_norm",
+                 "eval_loss", "eval_mlm_loss", "eval_mlm_accuracy", "eval_rtd_loss",
                  "eval_generator_accuracy", "eval_discriminator_accuracy", "eval_discriminator_baseline_accuracy",
                  "eval_discriminator_recall", "eval_discriminator_precision", "eval_replaced_fraction"]
         summary = {
             "objective": args.objective,
+            "rtd_training": args.rtd_training if args.objective == "rtd" else None,
             "world_size": training_args.world_size,
             "global_step": trainer.state.global_step,
             "train_wall_time_s": round(wall_time, 1),
