@@ -48,16 +48,16 @@ from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForMaskedL
 from modeling_deberta_custom.training.loss_terms import place_before_integrations
 from modeling_deberta_custom.training.metrics import LossTermsCallback, PretrainingMetrics
 from modeling_deberta_custom.training.pretraining import DebertaMaskingCollator, MaskingSeedCallback, tokenize_and_group
+from modeling_deberta_custom.training.rtd_training import (
+    RTD_TRAINING_MODES,
+    DecoupledRTDCallback,
+    decoupled_rtd_optimizer,
+)
 from modeling_deberta_custom.training.tokenization import (
     PortableTokenizerCallback,
     load_pretraining_tokenizer,
     make_tokenizer_portable,
     save_tokenizer,
-)
-from modeling_deberta_custom.training.rtd_training import (
-    RTD_TRAINING_MODES,
-    DecoupledRTDCallback,
-    decoupled_rtd_optimizer,
 )
 
 logger = logging.getLogger("pretrain")
