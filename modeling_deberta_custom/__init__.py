@@ -7,7 +7,7 @@ the classes for `trust_remote_code` export so `save_pretrained` writes a Hub-rea
 import transformers
 
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import save_as_transformers
+from .loading import save_as_transformers
 from .modeling_deberta_custom import (
     AUTO_MAP,  # noqa: F401  (public name; RTD_AUTO_MAP extends it)
     DebertaCustomForMaskedLM,

@@ -1,6 +1,7 @@
 """CPU speed tricks for the `sdpa` attention path: memory layouts, tiling and a training kernel that were measured
-on CPU and are used only there (modeling_deberta_custom.sdpa_attention calls `cpu_sdpa_attention` for CPU tensors
-outside torch.compile / export / tracing; every other device takes the plain path: one additive bias, one SDPA call).
+on CPU and are used only there (attention.relative_positions prepares a CpuLayout for CPU tensors run eagerly, and
+attention.sdpa_attention then calls `cpu_sdpa_attention`; under torch.compile / export / tracing and on every other
+device the plain path runs: one additive bias, one SDPA call).
 
 The constants were measured with scripts/benchmark.py on a 2-core AMD EPYC CPU (torch 2.13.0, transformers 5.24.0,
 a machine shared with other jobs); on another CPU other values may win. The results equal the plain path's to fp32
@@ -43,6 +44,24 @@ class FarDistances(NamedTuple):
     high_row: int
 
 
+class CpuLayout(NamedTuple):
+    """What the CPU kernels read besides RelativePositions.rows (attention.relative_positions builds it for CPU
+    tensors run eagerly): `one_row_per_distance` (short sequences: no bucket merges two distances, the rows are
+    arange, only those rows are projected), else `index` [Nq, Nk] (the row of every pair, rows[i - j + Nk - 1]),
+    `flat_index` (index * Nk + j) and `far` (the distances at both ends that share one row)."""
+
+    one_row_per_distance: bool
+    index: torch.Tensor | None = None
+    flat_index: torch.Tensor | None = None
+    far: FarDistances | None = None
+
+
+def cpu_layout_of(rows: torch.Tensor, index: torch.Tensor, query_length: int, key_length: int) -> CpuLayout:
+    """The layout of sequences whose distances share rows: index [Nq, Nk] of the per-distance rows [Nq + Nk - 1]."""
+    flat_index = index * key_length + torch.arange(key_length, device=index.device)
+    return CpuLayout(False, index, flat_index, far_distances(rows, query_length, key_length))
+
+
 def one_row_per_distance(query_length: int, key_length: int, config) -> bool:
     """True when every distance reads a row of its own: |d| up to position_buckets // 2 stays as it is in the log
     buckets, and up to S - 1 nothing is clamped. Decided on Python ints, so it costs no host sync."""
@@ -70,7 +89,7 @@ DISTANCE_LAYOUT_MAX_RATIO_TRAINING = 2
 
 
 def uses_distance_layout(relative, query_length: int, key_length: int, training: bool) -> bool:
-    if relative.one_row_per_distance:
+    if relative.cpu.one_row_per_distance:
         return True
     return training and query_length + key_length - 1 <= DISTANCE_LAYOUT_MAX_RATIO_TRAINING * relative.num_rows
 
@@ -123,11 +142,11 @@ def position_tables(pos_key, pos_query, relative, by_distance, c2p_scale, p2c_sc
     key_table = query_table = None
     if pos_key is not None:
         if by_distance:
-            pos_key = pos_key.flip(-2) if relative.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
+            pos_key = pos_key.flip(-2) if relative.cpu.one_row_per_distance else pos_key[:, relative.rows.flip(0)]
         key_table = _table_operand(pos_key, c2p_scale)
     if pos_query is not None:
         if by_distance:
-            pos_query = pos_query if relative.one_row_per_distance else pos_query[:, relative.rows]
+            pos_query = pos_query if relative.cpu.one_row_per_distance else pos_query[:, relative.rows]
             query_table = _table_operand(pos_query, p2c_scale)
         else:
             query_table = pos_query * p2c_scale
@@ -190,7 +209,7 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
     along the rows of its products, and p2c from its products flattened (p2c[i, j] = p2c_products[index[i, j], j]
     at flat_index[i, j]), so that both come out in [query, key] order and the add reads them in order (reading p2c
     transposed would cost as much as both gathers together); keys that every query of the block sees from beyond
-    the table's reach (relative.far) take one row of each term, broadcast, instead of a gather."""
+    the table's reach (relative.cpu.far) take one row of each term, broadcast, instead of a gather."""
     key_length = key_bias.shape[-1]
     if by_distance:
         if c2p is not None:
@@ -200,27 +219,24 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
         if c2p is not None and p2c is not None:
             return (c2p + p2c).transpose(0, 1)  # [H, B, rows, Nk] -> [B, H, rows, Nk]
     else:
-        first_key, stop_key = _gathered_keys(relative.far, start, stop, key_length)
+        first_key, stop_key = _gathered_keys(relative.cpu.far, start, stop, key_length)
         band = slice(first_key, stop_key)
         heads, batch = (c2p if c2p is not None else p2c).shape[:2]
         rows, width = stop - start, stop_key - first_key
         gathered = key_bias[:, None, band]  # [B, 1, width]: the mask alone while p2c (which carries it) is off
         if p2c is not None:
-            flat_index = relative.flat_index
-            if flat_index is None:  # positions prepared for another path: [Nq, Nk] flat place of each pair
-                flat_index = relative.index * key_length + torch.arange(key_length, device=relative.index.device)
-            index = flat_index[start:stop, band].reshape(1, 1, rows * width).expand(heads, batch, -1)
+            index = relative.cpu.flat_index[start:stop, band].reshape(1, 1, rows * width).expand(heads, batch, -1)
             gathered = torch.gather(p2c.flatten(-2), -1, index).view(heads, batch, rows, width)
         if c2p is not None:
-            index = relative.index[start:stop, band].expand(heads, batch, rows, width)
+            index = relative.cpu.index[start:stop, band].expand(heads, batch, rows, width)
             # in place: the gather's backward does not need its result
             gathered = torch.gather(c2p[:, :, start:stop], -1, index).add_(gathered)
         if width == key_length:
             return gathered.transpose(0, 1)
         # Keys left of the band are so far behind every query of the block that they all read far.high_row, keys
         # right of it all read far.low_row: one row of each term, broadcast.
-        left = _far_scores(c2p, p2c, key_bias, relative.far.high_row, start, stop, slice(0, first_key))
-        right = _far_scores(c2p, p2c, key_bias, relative.far.low_row, start, stop, slice(stop_key, None))
+        left = _far_scores(c2p, p2c, key_bias, relative.cpu.far.high_row, start, stop, slice(0, first_key))
+        right = _far_scores(c2p, p2c, key_bias, relative.cpu.far.low_row, start, stop, slice(stop_key, None))
         return torch.cat([left, gathered, right], dim=-1).transpose(0, 1)
     if c2p is None:
         return p2c.contiguous().transpose(0, 1)
@@ -229,7 +245,7 @@ def position_bias(c2p, p2c, key_bias, relative, by_distance, query_length, start
 
 def disentangled_bias(query, key, pos_key, pos_query, relative, key_mask, scale, training=False):
     """c2p + p2c for every pair, scaled, masked keys at a large negative value: [B, H, Nq, Nk], built in the layout
-    cpu_sdpa_attention takes (the same values as modeling_deberta_custom.position_scores plus the mask)."""
+    cpu_sdpa_attention takes (the same values as attention.position_scores plus the mask)."""
     query_length = query.shape[-2]
     by_distance = uses_distance_layout(relative, query_length, key.shape[-2], training)
     key_bias = key_bias_of(key_mask, query.dtype)
@@ -293,7 +309,7 @@ def cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask
         return _cpu_training_attention(query, key, value, pos_key, pos_query, relative, key_bias, scale, dropout,
                                        by_distance)
     width = query_length + key_length - 1 if by_distance else relative.num_rows
-    far = None if by_distance else relative.far  # only gathers skip far keys
+    far = None if by_distance else relative.cpu.far  # only gathers skip far keys
     heads_per_group, rows_per_block = _attention_tiles(batch, heads, query_length, key_length, width, training, far)
     tables = position_tables(pos_key, pos_query, relative, by_distance, scale, scale)
     if heads_per_group == heads and rows_per_block >= query_length:  # a single tile

@@ -91,7 +91,7 @@ class DebertaCustomConfig(PretrainedConfig):
 
     Field names follow transformers' `DebertaV2Config`, including the fields that transformers only reads through
     `getattr` (position_buckets, share_att_key, norm_rel_ebd, attention_head_size, conv_*, embedding_size, cls_dropout),
-    so an official `config.json` maps onto this class field by field (see `convert.py`).
+    so an official `config.json` maps onto this class field by field (see `loading.py`).
 
     Architecture:
         attention_variant (`str`, "v2"): "v2" (DeBERTa v2 and v3: separate query/key/value projections) or "v1"

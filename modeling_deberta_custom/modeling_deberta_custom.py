@@ -1,23 +1,21 @@
 """PyTorch DeBERTa (v1, v2, v3) for Hugging Face Transformers.
 
-Read top to bottom: relative positions -> disentangled attention -> layer -> encoder -> base model -> heads
-(Enhanced Mask Decoder masked-LM, sequence / token classification, question answering, multiple choice,
-replaced-token detection).
+Read top to bottom: layer -> encoder -> embeddings -> base model -> heads (Enhanced Mask Decoder masked-LM,
+sequence / token classification, question answering, multiple choice, replaced-token detection). Disentangled
+attention (relative positions, c2p / p2c, the attention implementations) is in attention.py, the loss helpers the
+heads share in losses.py, checkpoint key maps and load diagnostics in loading.py.
 
 Notation in shape comments: B batch, N sequence length, H heads, D head size, C hidden size, S relative span
 (the relative embedding table has 2S rows), V vocabulary.
 
-This file is copied next to the weights by `save_pretrained` for `trust_remote_code` loading, so it imports only
-torch, transformers and its sibling files.
+The remote-code wing: this file is copied next to the weights by `save_pretrained` for `trust_remote_code` loading,
+with its siblings, so it imports only torch, transformers and those siblings (tests/test_package_boundary.py).
 """
 
-import functools
 import inspect
-import math
 import os
 import shutil
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +34,13 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 
-from .attention_cpu import FarDistances, cpu_kernels_apply, cpu_sdpa_attention, far_distances, one_row_per_distance
+# transformers 4.x copies out of a local folder only the siblings that the auto_map file itself names in `from .x
+# import y` lines, not theirs: attention_cpu.py (imported by attention.py) is named here for that alone
+# (tests/test_remote_code.py checks that every auto_map file names each wing file it reaches).
+from .attention import ATTENTION_FUNCTIONS, DebertaCustomSelfAttention, RelativePositions, relative_positions
+from .attention_cpu import cpu_kernels_apply  # noqa: F401  (see above)
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import (
+from .loading import (
     CHECKPOINT_KEY_MAPPING,
     IGNORED_CHECKPOINT_KEYS,
     RTD_PRETRAINING_ONLY_KEYS,
@@ -50,6 +52,14 @@ from .convert import (
     merge_embedding_deltas,
     rtd_shared_tables,
     unreadable_weight_file,
+)
+from .losses import (
+    binary_cross_entropy_sum,
+    can_check_values,
+    check_labels,
+    cross_entropy_sum,
+    mean_over_items,
+    sparse_prediction_positions,
 )
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
@@ -71,350 +81,8 @@ AUTO_MAP = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Relative positions
+# Layer and encoder (the self-attention module, DebertaCustomSelfAttention, is in attention.py)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: int) -> torch.Tensor:
-    """Map signed distances to log buckets: |delta| below num_buckets // 2 stays as it is, larger distances grow
-    logarithmically so that |delta| = max_position - 1 lands on the last bucket. Distances beyond max_position are
-    not clamped first (transformers' behaviour); the caller clamps the final table index instead."""
-    mid = num_buckets // 2
-    abs_delta = delta.abs()
-    # Float32 throughout, as the reference implementations compute it: the ceil below sits on bucket edges.
-    log_ratio = torch.log(abs_delta.clamp(min=mid).float() / mid)
-    # A Python number (the kernel rounds it to float32), not a tensor: no host-to-device copy in every forward.
-    log_span = math.log((max_position - 1) / mid)
-    log_bucket = torch.ceil(log_ratio / log_span * (mid - 1)) + mid
-    return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
-
-
-class RelativePositions(NamedTuple):
-    """Relative positions of a query sequence against a key sequence, prepared once per forward for every layer.
-
-    Scores depend on query i and key j only through the distance d = i - j: `rows[d + Nk - 1]` is the row of the
-    relative embedding table that distance d reads, for d from -(Nk - 1) up to Nq - 1 ([Nq + Nk - 1]), counted from
-    `first_row`; the attention layers project only the table rows [first_row, first_row + num_rows). `index`
-    [Nq, Nk] holds the row of every pair (rows[i - j + Nk - 1]) for the gathers.
-
-    Everywhere but eager CPU runs the whole table is read (first_row 0, num_rows 2S). On CPU, attention_cpu.py adds
-    its layouts: `one_row_per_distance` (short sequences: no bucket merges two distances, rows == arange, only those
-    rows projected, index None), `flat_index` (index * Nk + j) and `far` (the distances at both ends that share one
-    row)."""
-
-    rows: torch.Tensor
-    first_row: int
-    num_rows: int
-    index: torch.Tensor | None = None
-    one_row_per_distance: bool = False
-    flat_index: torch.Tensor | None = None
-    far: FarDistances | None = None
-
-
-def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
-    """[Nq + Nk - 1] row of the 2S-row relative embedding table for each distance d = i - j, from d = -(Nk - 1) up to
-    Nq - 1: the (bucketed) distance shifted by S and clamped to the table. c2p and p2c both read these rows."""
-    span = config.relative_span
-    distances = torch.arange(-(key_length - 1), query_length, device=device)  # [Nq + Nk - 1]
-    if config.position_buckets > 0:
-        distances = log_bucket_positions(distances, config.position_buckets, config.max_relative_distance)
-    return (distances + span).clamp(0, 2 * span - 1)
-
-
-def pair_index(rows: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
-    """Per-distance values [Nq + Nk - 1] -> per-pair [Nq, Nk]: entry (i, j) is rows[i - j + Nk - 1]."""
-    query_ids = torch.arange(query_length, device=rows.device)[:, None]
-    key_ids = torch.arange(key_length, device=rows.device)[None, :]
-    return rows[query_ids - key_ids + key_length - 1]
-
-
-def relative_position_index(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
-    """[Nq, Nk] index of each (query i, key j) pair into the 2S-row relative embedding table."""
-    rows = relative_distance_rows(query_length, key_length, config, device)
-    return pair_index(rows, query_length, key_length)
-
-
-def relative_positions(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> RelativePositions:
-    """Everything the attention layers need about relative positions (see RelativePositions); computed once per
-    forward from the lengths, so that no layer repeats it. Only Python ints decide the branches: no host sync, and
-    under torch.compile one graph serves every length."""
-    cpu_layouts = cpu_kernels_apply(device)
-    if cpu_layouts and one_row_per_distance(query_length, key_length, config):
-        num_rows = query_length + key_length - 1
-        first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
-        return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows, one_row_per_distance=True)
-    rows = relative_distance_rows(query_length, key_length, config, device)
-    index = pair_index(rows, query_length, key_length)
-    relative = RelativePositions(rows, 0, 2 * config.relative_span, index)
-    if not cpu_layouts:
-        return relative
-    flat_index = index * key_length + torch.arange(key_length, device=device)
-    return relative._replace(flat_index=flat_index, far=far_distances(rows, query_length, key_length))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Disentangled attention
-#
-# Every implementation takes (query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training) and
-# returns (context [B, H, Nq, D], probabilities or None); DebertaCustomSelfAttention picks one from
-# ATTENTION_FUNCTIONS by config._attn_implementation. Speed tricks measured on CPU live in attention_cpu.py.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def position_scores(query, key, pos_key, pos_query, relative, scale):
-    """c2p + p2c for every (query, key) pair, each term scaled before the sum (which keeps half precision in range):
-    [B, H, Nq, Nk], or None without position terms. query [B, H, Nq, D]; key [B, H, Nk, D]; pos_key (c2p) and
-    pos_query (p2c) [H, R, D] or None: the projected rows of the relative table that `relative` reads."""
-    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
-    if pos_key is None and pos_query is None:
-        return None
-    index = relative.index if relative.index is not None else pair_index(relative.rows, query_length, key_length)
-    scores = 0
-    if pos_key is not None:  # c2p[i, j] = Q_i . K_r[index[i, j]]
-        c2p_table = torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
-        scores = scores + torch.gather(c2p_table, -1, index.expand(batch, heads, query_length, key_length))
-    if pos_query is not None:  # p2c[i, j] = K_j . Q_r[index[i, j]]: gathered along the keys' rows, then transposed
-        p2c_table = torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
-        index_t = index.transpose(0, 1).expand(batch, heads, key_length, query_length)
-        scores = scores + torch.gather(p2c_table, -1, index_t).transpose(-1, -2)
-    return scores
-
-
-def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V. key_mask
-    [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
-    scores = torch.matmul(query * scale, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
-    position = position_scores(query, key, pos_key, pos_query, relative, scale)
-    if position is not None:
-        scores = scores + position
-    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
-    probs = F.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, value), probs
-
-
-def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
-    once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
-    the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
-    probabilities."""
-    dropout = dropout if training else 0.0
-    if pos_key is None and pos_query is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
-                                              scale=scale), None
-    if cpu_kernels_apply(query.device):
-        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout,
-                                  training), None
-    bias = position_scores(query, key, pos_key, pos_query, relative, scale)  # [B, H, Nq, Nk]
-    bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
-
-
-def _flex_attention_uncompiled():
-    from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5; imported only by this path
-
-    return flex_attention
-
-
-# FlexAttention's key-block size: a block whose keys are all padding is skipped, one with no padding takes the fast
-# unmasked kernel, the rest apply the key mask element by element.
-FLEX_BLOCK_SIZE = 128
-
-
-@functools.cache
-def _compiled_flex_attention(dynamic: bool):
-    """torch's flex_attention compiled once per process (FlexAttention runs unfused, materialising every score,
-    unless compiled). dynamic=None on GPU: after the first shape one graph serves every batch size and length.
-    Static shapes on CPU, where inductor's flex kernel cannot take dynamic shapes (torch 2.13.0: see
-    FLEX_STATIC_ON_CPU)."""
-    return torch.compile(_flex_attention_uncompiled(), dynamic=None if dynamic else False)
-
-
-# Measured with torch 2.13.0 on CPU: torch.compile(flex_attention, dynamic=True) fails to build inductor's CPU kernel
-# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew (a few seconds) and dynamo's recompile limit applies.
-FLEX_STATIC_ON_CPU = True
-
-
-def padding_block_mask(key_mask, query_length):
-    """FlexAttention BlockMask for key padding, built from [B, Nk] per-block counts (no [Nq, Nk] tensor, no host
-    read): key blocks with no real token are skipped, blocks with no padding need no mask_mod, the others apply
-    the key mask. Every query block sees the same key blocks."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    batch, key_length = key_mask.shape[0], key_mask.shape[-1]
-    keys = key_mask.reshape(batch, key_length)
-    key_blocks, query_blocks = -(-key_length // FLEX_BLOCK_SIZE), -(-query_length // FLEX_BLOCK_SIZE)
-    blocks = F.pad(keys, (0, key_blocks * FLEX_BLOCK_SIZE - key_length)).view(batch, key_blocks, FLEX_BLOCK_SIZE)
-    full = blocks.all(-1)  # [B, key blocks]
-    partial = blocks.any(-1) & ~full  # (the last block is partial when Nk is no multiple of the block size)
-    keys = blocks.flatten(1)  # [B, key blocks * block size]: the kernel also visits the last block's padding
-
-    def counts_and_indices(selected):  # [B, key blocks] -> [B, 1, Q blocks], [B, 1, Q blocks, key blocks] int32
-        count = selected.sum(-1, dtype=torch.int32)[:, None, None].expand(batch, 1, query_blocks)
-        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return count.contiguous(), order[:, None, None, :].expand(batch, 1, query_blocks, key_blocks).contiguous()
-
-    def is_real_key(b, h, q_idx, kv_idx):
-        return keys[b, kv_idx]
-
-    return BlockMask.from_kv_blocks(*counts_and_indices(partial), *counts_and_indices(full),
-                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=is_real_key,
-                                    seq_lengths=(query_length, key_length))
-
-
-def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Fused path: torch's FlexAttention computes the content scores block by block and adds the position terms
-    inside the kernel (score_mod), read from the compact products c2p [B, H, Nq, R] and p2c [B, H, Nk, R]; padding
-    is a block mask (padding_block_mask). No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
-    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients, since
-    torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
-    needs attention_probs_dropout_prob=0 and a GPU. Inside torch.compile it joins the caller's graph; outside it runs
-    compiled on its own. No probabilities."""
-    if training and dropout > 0:
-        raise ValueError(
-            f"attn_implementation='flex_attention' has no attention dropout, but attention_probs_dropout_prob is "
-            f"{dropout}: set it to 0.0 in the config to train with this path, or use 'sdpa' (inference in eval() "
-            "mode is unaffected)"
-        )
-    needs_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                     for t in (query, key, value, pos_key, pos_query))
-    if query.device.type == "cpu" and needs_backward:
-        raise NotImplementedError(
-            "attn_implementation='flex_attention' cannot train on CPU: torch has no FlexAttention backward there. "
-            "Use 'sdpa' (the default) for CPU training, or run under torch.no_grad()/inference_mode()"
-        )
-    c2p = None if pos_key is None else torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
-    p2c = None if pos_query is None else torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
-    query_length, key_length = query.shape[-2], key.shape[-2]
-    rows = None if relative is None else relative.rows
-
-    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
-        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
-        # its reads inside the tensors.
-        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
-        row = rows[i - j + key_length - 1]
-        if c2p is not None:
-            score = score + c2p[batch, head, i, row]
-        return score if p2c is None else score + p2c[batch, head, j, row]
-
-    score_mod = None if c2p is None and p2c is None else add_position_scores
-    if query.device.type == "cpu":
-        # torch 2.13.0's CPU kernel reads past the end of a partial last block (measured: wrong or NaN outputs at
-        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
-        query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
-        key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
-        key_mask = F.pad(key_mask, (0, -key_length % FLEX_BLOCK_SIZE))  # padded keys: False, never attended
-    block_mask = padding_block_mask(key_mask, query.shape[-2])
-    if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
-        flex_attention = _flex_attention_uncompiled()
-    else:
-        flex_attention = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
-    context = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    return context[:, :, :query_length], None
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention_path}
-
-
-class DebertaCustomSelfAttention(nn.Module):
-    """Scores = (Q_c K_c^T + c2p + p2c) / sqrt(D * (1 + number of position terms)), where
-    c2p[i, j] = Q_c[i] . K_r[idx(i, j)] and p2c[i, j] = K_c[j] . Q_r[idx(i, j)] (idx from relative_position_index)."""
-
-    def __init__(self, config: DebertaCustomConfig):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_size = config.head_size
-        inner_size = self.num_heads * self.head_size
-        self.fused_projection = config.attention_variant == "v1"
-        self.pos_att_type = config.pos_att_type if config.relative_attention else []
-        # As in the reference implementations, the scale counts the configured position terms.
-        self.scale = 1.0 / math.sqrt(self.head_size * (1 + len(config.pos_att_type)))
-
-        if self.fused_projection:  # v1: one matrix, rows interleaved per head as [q_h, k_h, v_h]
-            self.in_proj = nn.Linear(config.hidden_size, 3 * inner_size, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(inner_size))
-            self.v_bias = nn.Parameter(torch.zeros(inner_size))
-        else:
-            self.query_proj = nn.Linear(config.hidden_size, inner_size)
-            self.key_proj = nn.Linear(config.hidden_size, inner_size)
-            self.value_proj = nn.Linear(config.hidden_size, inner_size)
-
-        if self.pos_att_type:
-            self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
-            if self.fused_projection:
-                if "c2p" in self.pos_att_type:
-                    self.pos_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-                if "p2c" in self.pos_att_type:
-                    self.pos_q_proj = nn.Linear(config.hidden_size, inner_size)
-            elif not config.share_att_key:
-                if "c2p" in self.pos_att_type:
-                    self.pos_key_proj = nn.Linear(config.hidden_size, inner_size)
-                if "p2c" in self.pos_att_type:
-                    self.pos_query_proj = nn.Linear(config.hidden_size, inner_size)
-        self.attention_dropout = config.attention_probs_dropout_prob
-
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-2, -3)  # [..., N, C] -> [..., H, N, D]
-
-    def project_content(self, hidden_states, query_states):
-        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D]."""
-        if not self.fused_projection:
-            return (
-                self.split_heads(self.query_proj(query_states)),
-                self.split_heads(self.key_proj(hidden_states)),
-                self.split_heads(self.value_proj(hidden_states)),
-            )
-        # The module is called (not its weight read), so that adapters wrapping in_proj (LoRA) take part.
-        fused = self.in_proj(hidden_states)  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
-        fused = fused.view(*fused.shape[:-1], self.num_heads, 3, self.head_size)  # [B, N, H, 3, D]
-        if query_states is not hidden_states:  # EMD: the query comes from other states
-            query = self.in_proj(query_states).view(*query_states.shape[:-1], *fused.shape[-3:])[..., 0, :]
-        else:
-            query = fused[..., 0, :]
-        biases = (self.q_bias.view(self.num_heads, self.head_size), self.v_bias.view(self.num_heads, self.head_size))
-        # [B, N, H, D] -> [B, H, N, D]
-        return (
-            (query + biases[0]).transpose(1, 2),
-            fused[..., 1, :].transpose(1, 2),
-            (fused[..., 2, :] + biases[1]).transpose(1, 2),
-        )
-
-    def project_positions(self, rel_embeddings, relative: RelativePositions):
-        """The rows of the relative embeddings [2S, C] that `relative` reads -> (position keys for c2p, position
-        queries for p2c), each [H, R, D] or None."""
-        rel_embeddings = self.pos_dropout(rel_embeddings[relative.first_row:relative.first_row + relative.num_rows])
-        pos_key = pos_query = None
-        if self.fused_projection:
-            key_proj, query_proj = getattr(self, "pos_proj", None), getattr(self, "pos_q_proj", None)
-        elif self.config.share_att_key:
-            key_proj, query_proj = self.key_proj, self.query_proj
-        else:
-            key_proj, query_proj = getattr(self, "pos_key_proj", None), getattr(self, "pos_query_proj", None)
-        if "c2p" in self.pos_att_type:
-            pos_key = self.split_heads(key_proj(rel_embeddings))
-        if "p2c" in self.pos_att_type:
-            pos_query = self.split_heads(query_proj(rel_embeddings))
-        return pos_key, pos_query
-
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
-                output_attentions=False):
-        if query_states is None:
-            query_states = hidden_states
-        query, key, value = self.project_content(hidden_states, query_states)
-        pos_key = pos_query = None
-        if self.pos_att_type:
-            pos_key, pos_query = self.project_positions(rel_embeddings, relative)
-
-        implementation = self.config._attn_implementation
-        if output_attentions or implementation not in ATTENTION_FUNCTIONS:
-            implementation = "eager"
-        context, probs = ATTENTION_FUNCTIONS[implementation](
-            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
-            self.training
-        )
-        context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
-        return context, probs
 
 
 class DebertaCustomResidualOutput(nn.Module):
@@ -586,20 +254,13 @@ def train_only_read_position_tables(model: nn.Module) -> None:
             module.deberta.embeddings.position_embeddings.weight.requires_grad_(True)
 
 
-def _can_check_values(tensor: torch.Tensor) -> bool:
-    """Whether checking the values of `tensor` is free: it lives on the CPU and nothing is being compiled, exported
-    or traced. Reading an accelerator tensor on the host stalls its stream (a device sync), so value checks of
-    inputs (id ranges, labels, mask values) run only on CPU tensors; the collators, scripts and tokenizers check the
-    data while it is still on the host."""
-    return tensor.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-
 
 def _check_integer_ids(name, ids, upper, what):
     """Ids must be integers in [0, upper). The dtype is always checked, the range where it is free (CPU tensors,
-    not while compiling, exporting or tracing: see _can_check_values)."""
+    not while compiling, exporting or tracing: see can_check_values)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-    if not _can_check_values(ids) or ids.numel() == 0:
+    if not can_check_values(ids) or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= upper:
@@ -607,8 +268,8 @@ def _check_integer_ids(name, ids, upper, what):
 
 
 def _check_attention_mask_values(attention_mask):
-    """A float attention mask must hold only 0 and 1 (checked where free, see _can_check_values)."""
-    if attention_mask.is_floating_point() and _can_check_values(attention_mask):
+    """A float attention mask must hold only 0 and 1 (checked where free, see can_check_values)."""
+    if attention_mask.is_floating_point() and can_check_values(attention_mask):
         if not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
 
@@ -684,7 +345,7 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         """transformers' own loader (every from_pretrained argument works as for its models: dtype, device_map,
         quantization_config, sharded and Hub checkpoints), reading our folders and the official checkpoints: a folder
         or Hub repo whose config.json has model_type `deberta-v2` or `deberta` (the microsoft/deberta-* repos, or
-        transformers' own save_pretrained), renamed on load by `convert.CHECKPOINT_KEY_MAPPING`. RTD pretraining
+        transformers' own save_pretrained), renamed on load by `loading.CHECKPOINT_KEY_MAPPING`. RTD pretraining
         folders load into the backbone and every head as the exported discriminator (E_G + E_delta merged).
 
         Added to transformers' checks: weights of the backbone that the checkpoint lacks raise ValueError naming the
@@ -814,60 +475,6 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _mean_over_items(total, count, num_items_in_batch=None):
-    """A loss summed over `count` items -> its mean, as a sum divided by max(count, 1): a batch with nothing to predict
-    (every label -100, or an empty batch) gives 0 with zero gradients instead of NaN. With `num_items_in_batch` (what
-    transformers' Trainer passes: the labelled items of every micro-batch of one optimizer step) the sum is divided by
-    that instead, so that gradient accumulation gives the loss and gradients of one large batch."""
-    if num_items_in_batch is None:
-        return total / count.clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return total / num_items_in_batch.to(total.device).clamp(min=1)
-    return total / max(num_items_in_batch, 1)
-
-
-def _cross_entropy_sum(logits, labels):
-    """Summed cross-entropy [..., K] logits against [...] labels, -100 ignored; computed in float32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
-
-
-def _binary_cross_entropy_sum(logits, labels, counted):
-    """Summed binary cross-entropy of logits against 0/1 labels where `counted` (same shapes); float32."""
-    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(), reduction="none")
-    return torch.where(counted, losses, 0.0).sum()
-
-
-def sparse_prediction_positions(labels: torch.Tensor, max_fraction: float) -> torch.Tensor:
-    """[K] positions of a [B, N] batch, as indices into its flattened B * N positions, at which the masked-LM head
-    computes vocabulary logits: every labelled position (labels != -100) in row-major order, then the first unlabelled
-    ones, K = ceil(max_fraction * B * N) in all (at most B * N).
-
-    Why this shape: gathering exactly the labelled positions (boolean indexing) gives a shape known only after a host
-    sync, which stalls an accelerator's stream every step and breaks compiled graphs. K depends on the shapes only, so
-    the vocabulary projection (the largest cost of masked-LM pretraining with a 128k vocabulary) still runs on a
-    fraction of the tokens, and the first (number of labelled) rows hold exactly what boolean indexing gave. A batch
-    with more than K labelled positions raises (config.sparse_mlm_max_fraction sets K): on CPU tensors a ValueError,
-    on accelerators a device-side assertion (no sync)."""
-    labelled = (labels != -100).flatten()  # [B * N]
-    total = labelled.shape[0]
-    budget = min(total, math.ceil(max_fraction * total))
-    _check_prediction_budget(labelled, budget, max_fraction)
-    # A stable sort keeps row-major order within the labelled and within the unlabelled positions.
-    order = torch.sort(labelled.to(torch.int8), descending=True, stable=True).indices  # [B * N]
-    return order[:budget]
-
-
-def _check_prediction_budget(labelled, budget, max_fraction):
-    remedy = "raise config.sparse_mlm_max_fraction (up to 1.0) or set config.sparse_mlm_logits=False"
-    if _can_check_values(labelled):
-        count = int(labelled.sum())
-        if count > budget:
-            raise ValueError(f"The labels hold {count} labelled positions, more than {budget} (sparse_mlm_max_fraction="
-                             f"{max_fraction} of {labelled.shape[0]} positions) in this batch: {remedy}")
-    elif not torch.jit.is_tracing():  # a device-side assertion: no sync (a constant message: values may be symbolic)
-        torch._assert_async(labelled.sum() <= budget,
-                            "More labelled positions than config.sparse_mlm_max_fraction allows: " + remedy)
-
 
 class DebertaCustomLMPredictionHead(nn.Module):
     """dense -> activation -> LayerNorm -> tied word-embedding decoder + bias. State-dict names follow the official
@@ -986,7 +593,7 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
         loss = None
         if labels is not None:
-            _check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
+            check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
             targets = labels
             if self.training and self.config.sparse_mlm_logits:
                 # Vocabulary logits only at K positions, the labelled ones first (see sparse_prediction_positions).
@@ -994,7 +601,7 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
                 sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
                 targets = labels.flatten().index_select(0, positions)  # [K], -100 past the labelled rows
             logits = lm_head(sequence_output, word_embeddings)  # [B, N, V], or [K, V] when sparse
-            loss = _mean_over_items(_cross_entropy_sum(logits, targets), (labels != -100).sum(), num_items_in_batch)
+            loss = mean_over_items(cross_entropy_sum(logits, targets), (labels != -100).sum(), num_items_in_batch)
         else:
             logits = lm_head(sequence_output, word_embeddings)
 
@@ -1020,20 +627,6 @@ def _resize_vector(module, name, new_size):
     new[:keep] = old.data[:keep]
     setattr(module, name, nn.Parameter(new))
 
-
-def _check_labels(labels, expected_shape, num_classes, name):
-    """Class labels: integers in [0, num_classes) or -100 (ignored), of the expected shape (values checked where
-    that is free: see _can_check_values)."""
-    if labels.is_floating_point():
-        raise TypeError(f"{name} must be integer class ids for this head, got dtype {labels.dtype}")
-    if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(expected_shape)}")
-    if not _can_check_values(labels):
-        return
-    valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
-    if not bool(valid.all()):
-        bad = labels[~valid][0].item()
-        raise ValueError(f"{name} holds {bad}, outside [0, {num_classes - 1}] (use -100 to ignore a position)")
 
 
 class DebertaCustomContextPooler(nn.Module):
@@ -1105,8 +698,8 @@ class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
         if problem_type == "single_label_classification":
             if labels.dim() == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
-            _check_labels(labels, (batch,), self.num_labels, "labels")
-            return _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum())
+            check_labels(labels, (batch,), self.num_labels, "labels")
+            return mean_over_items(cross_entropy_sum(logits, labels), (labels != -100).sum())
         if problem_type == "multi_label_classification":
             if tuple(labels.shape) != (batch, self.num_labels):
                 raise ValueError(f"Multi-label labels have shape {tuple(labels.shape)}, expected "
@@ -1145,8 +738,8 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # [B, N, num_labels]
         loss = None
         if labels is not None:
-            _check_labels(labels, logits.shape[:2], self.num_labels, "labels")
-            loss = _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum(), num_items_in_batch)
+            check_labels(labels, logits.shape[:2], self.num_labels, "labels")
+            loss = mean_over_items(cross_entropy_sum(logits, labels), (labels != -100).sum(), num_items_in_batch)
         return _head_output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
@@ -1192,7 +785,7 @@ class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
                     raise ValueError(f"{name} has {value.shape[0]} entries for a batch of {start_logits.shape[0]}")
                 value = value.clamp(0, length)  # as transformers: below 0 -> 0; past the window -> ignored
                 positions.append(value.masked_fill(value == length, -100))  # the answer is not in this window
-            loss = sum(_mean_over_items(_cross_entropy_sum(logits, target), (target != -100).sum())
+            loss = sum(mean_over_items(cross_entropy_sum(logits, target), (target != -100).sum())
                        for logits, target in zip((start_logits, end_logits), positions, strict=True)) / 2
         return _head_output(QuestionAnsweringModelOutput, return_dict, outputs, loss=loss, start_logits=start_logits,
                             end_logits=end_logits)
@@ -1248,8 +841,8 @@ class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
         logits = logits.view(batch, num_choices)
         loss = None
         if labels is not None:
-            _check_labels(labels, (batch,), num_choices, "labels")
-            loss = _mean_over_items(_cross_entropy_sum(logits, labels), (labels != -100).sum())
+            check_labels(labels, (batch,), num_choices, "labels")
+            loss = mean_over_items(cross_entropy_sum(logits, labels), (labels != -100).sum())
         return _head_output(MultipleChoiceModelOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
@@ -1312,11 +905,11 @@ class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
         logits = self.mask_predictions(outputs.last_hidden_state)  # [B, N]
         loss = None
         if labels is not None:
-            _check_labels(labels, logits.shape, 2, "labels")
+            check_labels(labels, logits.shape, 2, "labels")
             counted = labels != -100
             if attention_mask is not None:
                 counted = counted & attention_mask.bool()
-            loss = _mean_over_items(_binary_cross_entropy_sum(logits, labels, counted), counted.sum(),
+            loss = mean_over_items(binary_cross_entropy_sum(logits, labels, counted), counted.sum(),
                                     num_items_in_batch)
         return _head_output(ReplacedTokenDetectionOutput, return_dict, outputs, loss=loss, logits=logits)
 

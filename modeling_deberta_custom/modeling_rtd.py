@@ -38,11 +38,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-# transformers 4.57 loads remote code from a local folder with only the `from .x import y` siblings a file names itself,
-# so this file names every sibling that modeling_deberta_custom.py imports (tests/test_remote_code.py checks it).
-from .attention_cpu import cpu_kernels_apply  # noqa: F401
+# transformers 4.x copies out of a local folder only the siblings that the auto_map file itself names in `from .x
+# import y` lines, not theirs: the attention files are named here for that alone (tests/test_remote_code.py).
+from .attention import ATTENTION_FUNCTIONS  # noqa: F401  (see above)
+from .attention_cpu import cpu_kernels_apply  # noqa: F401  (see above)
 from .configuration_deberta_custom import DebertaCustomConfig
-from .convert import is_required_weight  # noqa: F401
+from .loading import merged_shared_table
+from .losses import (
+    binary_cross_entropy_sum,
+    check_labels,
+    cross_entropy_sum,
+    mean_over_items,
+    sparse_prediction_positions,
+)
 from .modeling_deberta_custom import (
     AUTO_MAP,
     DebertaCustomForMaskedLM,
@@ -50,12 +58,7 @@ from .modeling_deberta_custom import (
     DebertaCustomModel,
     DebertaCustomPreTrainedModel,
     DebertaCustomRTDHead,
-    _binary_cross_entropy_sum,
-    _check_labels,
-    _cross_entropy_sum,
-    _mean_over_items,
     init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
-    sparse_prediction_positions,
 )
 
 RTD_AUTO_MAP = {**AUTO_MAP, "AutoModelForPreTraining": "modeling_rtd.DebertaCustomForRTDPreTraining"}
@@ -112,11 +115,11 @@ class DebertaCustomSharedEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective table the discriminator reads: E_G (es) or stop_gradient(E_G) + delta (gdes)."""
         if self.mode == "gdes":
-            return self._source.weight.detach() + self.delta
+            return merged_shared_table(self._source.weight.detach(), self.delta)
         return self._source.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.mode == "gdes":
+        if self.mode == "gdes":  # merged_shared_table looked up row by row: (E_G + E_delta)[ids]
             return (F.embedding(ids, self._source.weight.detach(), self.padding_idx)
                     + F.embedding(ids, self.delta, self.padding_idx))
         return F.embedding(ids, self._source.weight, self.padding_idx)
@@ -261,7 +264,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
             output = RTDPreTrainingOutput(logits=logits)
             return output if return_dict else output.to_tuple()
 
-        _check_labels(labels, input_ids.shape, self.config.vocab_size, "labels")
+        check_labels(labels, input_ids.shape, self.config.vocab_size, "labels")
         masked = labels != -100  # [B, N]: positions the generator predicts
         num_masked = masked.sum()
         # Shapes fixed by the input's shape, not by how many positions are masked: no host sync, one compiled graph.
@@ -271,8 +274,8 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         # 1. Generator: masked-LM loss at masked positions.
         generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions)
-        mlm_sum = _cross_entropy_sum(generator_logits, targets)
-        mlm_loss = _mean_over_items(mlm_sum, num_masked)
+        mlm_sum = cross_entropy_sum(generator_logits, targets)
+        mlm_loss = mean_over_items(mlm_sum, num_masked)
 
         # 2. Replacements sampled from the generator, no gradient, written back at the masked positions only.
         sampled = self.sample_replacements(generator_logits)  # [K]
@@ -285,7 +288,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids)
         counted = rtd_labels != -100
         num_counted = counted.sum()
-        rtd_loss = _mean_over_items(_binary_cross_entropy_sum(logits, rtd_labels, counted), num_counted)
+        rtd_loss = mean_over_items(binary_cross_entropy_sum(logits, rtd_labels, counted), num_counted)
         loss = mlm_loss + self.config.rtd_loss_weight * rtd_loss
         if num_items_in_batch is not None:
             # Gradient accumulation (the Trainer's num_items_in_batch: masked tokens over all micro-batches of one
@@ -294,8 +297,8 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
             # micro-batch's mean weighs in by its share of the masked tokens: the large batch's mean when the
             # micro-batches mask the same share of their tokens, and its gradient scale always (the shares sum to 1).
             # mlm_loss and rtd_loss stay this batch's means, for logging; `loss` is what to differentiate.
-            share = _mean_over_items(num_masked, None, num_items_in_batch)
-            loss = (_mean_over_items(mlm_sum, None, num_items_in_batch)
+            share = mean_over_items(num_masked, None, num_items_in_batch)
+            loss = (mean_over_items(mlm_sum, None, num_items_in_batch)
                     + self.config.rtd_loss_weight * rtd_loss * share)
 
         with torch.no_grad():
@@ -402,12 +405,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         discriminator = self.discriminator_for_finetuning()
         if not official_format:
-            from transformers.dynamic_module_utils import custom_object_save
-
-            discriminator.save_pretrained(save_directory, **save_kwargs)
-            # The RTD head class has no Auto class of its own, so save_pretrained does not copy the code files that
-            # the auto_map of the saved config points to: copy them (modeling_deberta_custom.py and its siblings).
-            custom_object_save(discriminator, save_directory)
+            discriminator.save_pretrained(save_directory, **save_kwargs)  # weights, config and the code files
             return
         import json
 

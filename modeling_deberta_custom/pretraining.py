@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import logging
 
-from .modeling_deberta_custom import sparse_prediction_positions
+from .losses import sparse_prediction_positions
 
 logger = logging.get_logger(__name__)
 

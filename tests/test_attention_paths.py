@@ -20,16 +20,15 @@ import torch
 from conftest import perturb_parameters, random_batch, tiny_config
 from torch.profiler import profile
 
-from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention_cpu
-from modeling_deberta_custom import modeling_deberta_custom as modeling
-from modeling_deberta_custom.attention_cpu import _diagonals, disentangled_bias, uses_distance_layout
-from modeling_deberta_custom.modeling_deberta_custom import (
+from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention, attention_cpu
+from modeling_deberta_custom.attention import (
     eager_attention,
     position_scores,
     relative_position_index,
     relative_positions,
     sdpa_attention,
 )
+from modeling_deberta_custom.attention_cpu import _diagonals, disentangled_bias, uses_distance_layout
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
@@ -95,7 +94,7 @@ def compare_paths(models, inputs, output_key="last_hidden_state"):
 
 def plain_path_everywhere(monkeypatch):
     """Run the path every device but eager CPU takes (GPUs, torch.compile, export) on CPU tensors."""
-    monkeypatch.setattr(modeling, "cpu_kernels_apply", lambda device: False)
+    monkeypatch.setattr(attention, "cpu_kernels_apply", lambda device: False)
 
 
 @pytest.mark.parametrize("path", ["cpu", "plain"])
@@ -115,7 +114,7 @@ def test_lengths_exercise_every_layout():
     layouts = []
     for length in LENGTHS:
         relative = relative_positions(length, length, config, "cpu")
-        layouts.append("one row per distance" if relative.one_row_per_distance
+        layouts.append("one row per distance" if relative.cpu.one_row_per_distance
                        else "by distance" if uses_distance_layout(relative, length, length, training=True) else "gather")
     assert layouts == ["one row per distance", "one row per distance", "by distance", "gather", "gather"]
     assert LENGTHS[-1] > config.max_position_embeddings
@@ -140,14 +139,14 @@ def test_far_keys_are_broadcast_not_gathered(monkeypatch, case):
     monkeypatch.setattr(attention_cpu, "MIN_BLOCK_ROWS", 16)
     length = 200  # the tiny table reaches 63 tokens either way: a 16-row block sees about 140 keys within reach
     relative = relative_positions(length, length, tiny_config(**CONFIGS[case]), "cpu")
-    first_block = attention_cpu._gathered_keys(relative.far, 0, 16, length)
-    last_block = attention_cpu._gathered_keys(relative.far, 180, 196, length)
+    first_block = attention_cpu._gathered_keys(relative.cpu.far, 0, 16, length)
+    last_block = attention_cpu._gathered_keys(relative.cpu.far, 180, 196, length)
     assert first_block[0] == 0 and first_block[1] < length, "keys far ahead of the first block are not skipped"
     assert last_block[0] > 0 and last_block[1] == length, "keys far behind the last block are not skipped"
-    tiles = attention_cpu._attention_tiles(3, 4, length, length, relative.num_rows, training=False, far=relative.far)
+    tiles = attention_cpu._attention_tiles(3, 4, length, length, relative.num_rows, training=False, far=relative.cpu.far)
     assert tiles[1] == 16, "inference does not work through short blocks of query rows"
     assert attention_cpu._attention_tiles(3, 4, length, length, relative.num_rows, training=True,
-                                          far=relative.far)[1] == length  # training keeps whole rows
+                                          far=relative.cpu.far)[1] == length  # training keeps whole rows
     models = model_pair(**CONFIGS[case])
     input_ids, attention_mask = random_batch(models["eager"].config.vocab_size, batch=3, length=length)
     compare_paths(models, dict(input_ids=input_ids, attention_mask=attention_mask))
@@ -243,14 +242,14 @@ def test_relative_positions_match_the_pair_index(case, query_length, key_length)
     distances = torch.arange(query_length)[:, None] - torch.arange(key_length)[None, :]
     assert torch.equal(relative.rows[distances + key_length - 1] + relative.first_row, expected)
     assert relative.first_row >= 0 and relative.first_row + relative.num_rows <= 2 * config.relative_span
-    if relative.one_row_per_distance:
+    if relative.cpu.one_row_per_distance:
         assert torch.equal(relative.rows, torch.arange(relative.num_rows))
-    if relative.one_row_per_distance:
-        assert relative.index is None
+        assert relative.cpu.index is None
     else:
-        assert torch.equal(relative.index, expected)
-    if relative.far is not None:  # the distances at both ends that share one row, and only those
-        far, rows = relative.far, relative.rows.tolist()
+        assert torch.equal(relative.cpu.index, expected)
+        assert torch.equal(relative.cpu.flat_index, expected * key_length + torch.arange(key_length))
+    if relative.cpu.far is not None:  # the distances at both ends that share one row, and only those
+        far, rows = relative.cpu.far, relative.rows.tolist()
         row_of = {d: rows[d + key_length - 1] for d in range(-(key_length - 1), query_length)}
         assert {row_of[d] for d in row_of if d <= far.low} == {far.low_row}
         assert {row_of[d] for d in row_of if d >= far.high} == {far.high_row}

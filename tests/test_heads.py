@@ -18,7 +18,7 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
-from modeling_deberta_custom.modeling_deberta_custom import sparse_prediction_positions
+from modeling_deberta_custom.losses import sparse_prediction_positions
 
 VOCAB = TINY_OFFICIAL_V2["vocab_size"]
 LAYERS = TINY_OFFICIAL_V2["num_hidden_layers"]

@@ -35,7 +35,7 @@ HOST_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.m
 BOOLEAN_INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 # Reads that are free by design: value checks of inputs on CPU tensors (skipped for accelerator tensors), and the
 # relative-position bookkeeping, which reads a table it builds on the host (on accelerators it rebuilds it on CPU).
-ALLOWED = {"_check_integer_ids", "_check_labels", "_check_attention_mask_values", "_check_prediction_budget",
+ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "check_prediction_budget",
            "relative_positions"}
 
 BATCH, LENGTH, CHOICES = 2, 10, 3  # 10 tokens > position_buckets / 2: the bucketed relative-position path too

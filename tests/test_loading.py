@@ -25,7 +25,7 @@ from modeling_deberta_custom import (
     DebertaCustomModel,
     DebertaCustomPreTrainedModel,
 )
-from modeling_deberta_custom.convert import convert_official_state_dict
+from modeling_deberta_custom.loading import convert_official_state_dict
 
 
 def transformers_folder(path, head="ForMaskedLM", legacy=False, seed=0, **save_kwargs):
@@ -244,7 +244,7 @@ def test_rtd_pretraining_folder_loads_as_backbone_and_discriminator(rtd_folders)
 
 @pytest.mark.parametrize("version", ["installed", "4.57"])
 def test_rtd_pretraining_folder_loads_as_classifier_from_remote_code(tmp_path, version):
-    """The merge travels with the folder's code files (convert.py), for trust_remote_code users, under the installed
+    """The merge travels with the folder's code files (loading.py), for trust_remote_code users, under the installed
     transformers and 4.57 (test_remote_code's isolated child: the package cannot be imported there)."""
     from test_remote_code import TRANSFORMERS_457, _flatten, _run_isolated
 

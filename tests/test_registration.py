@@ -51,7 +51,7 @@ EXPECTED_AUTO_MAP = {
 # modeling_deberta_custom.py and the siblings it imports (derived, so a new sibling file needs no edit here)
 CODE_FILES = {"modeling_deberta_custom.py"} | {
     Path(file).name for file in get_relative_import_files(modeling_deberta_custom.modeling_deberta_custom.__file__)}
-assert {"configuration_deberta_custom.py", "convert.py"} <= CODE_FILES, CODE_FILES
+assert {"configuration_deberta_custom.py", "attention.py", "attention_cpu.py", "losses.py", "loading.py"} <= CODE_FILES, CODE_FILES
 CODE_MODULES = {name[:-3] for name in CODE_FILES}
 
 auto_pairs = pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_config
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position, make_log_bucket_position
 
-from modeling_deberta_custom.modeling_deberta_custom import log_bucket_positions, relative_position_index
+from modeling_deberta_custom.attention import log_bucket_positions, relative_position_index
 
 
 def reference_bucket(delta: int, buckets: int, max_position: int) -> int:

@@ -44,8 +44,8 @@ HEADS = {
                                   position_biased_input=True, type_vocab_size=2, num_labels=5), False),
     "question_answering": (DebertaCustomForQuestionAnswering, "AutoModelForQuestionAnswering", {}, False),
     "multiple_choice": (DebertaCustomForMultipleChoice, "AutoModelForMultipleChoice", {}, True),
-    # modeling_rtd.py reaches convert.py only through modeling_deberta_custom.py: transformers 4.57 copies just a
-    # file's direct `from .x import y` siblings out of a local folder (issue 12, point 4).
+    # modeling_rtd.py needs attention.py and attention_cpu.py only through modeling_deberta_custom.py: transformers
+    # 4.57 copies just a file's direct `from .x import y` siblings out of a local folder (issue 12, point 4).
     "rtd_pretraining": (DebertaCustomForRTDPreTraining, "AutoModelForPreTraining", {}, False),
 }
 # Extra loads of the masked-LM folder through other Auto classes: one Hub folder serves every head. The new heads

@@ -1,0 +1,362 @@
+"""Disentangled attention (DeBERTa paper section 3.1): relative positions, the position terms c2p / p2c, every
+attention implementation (eager reference, sdpa, flex_attention) behind one dispatch table, and the self-attention
+module that projects content and positions and calls them.
+
+Notation in shape comments: B batch, N sequence length, H heads, D head size, C hidden size, S relative span (the
+relative embedding table has 2S rows), R rows of that table a layer projects.
+
+Part of the remote-code wing (copied next to the weights by `save_pretrained`): imports only torch, transformers'
+config and its sibling files. CPU-only layouts and kernels live in attention_cpu.py, reached by one branch
+(relative_positions).
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_cpu import CpuLayout, cpu_kernels_apply, cpu_layout_of, cpu_sdpa_attention, one_row_per_distance
+from .configuration_deberta_custom import DebertaCustomConfig
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Relative positions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def log_bucket_positions(delta: torch.Tensor, num_buckets: int, max_position: int) -> torch.Tensor:
+    """Map signed distances to log buckets: |delta| below num_buckets // 2 stays as it is, larger distances grow
+    logarithmically so that |delta| = max_position - 1 lands on the last bucket. Distances beyond max_position are
+    not clamped first (transformers' behaviour); the caller clamps the final table index instead."""
+    mid = num_buckets // 2
+    abs_delta = delta.abs()
+    # Float32 throughout, as the reference implementations compute it: the ceil below sits on bucket edges.
+    log_ratio = torch.log(abs_delta.clamp(min=mid).float() / mid)
+    # A Python number (the kernel rounds it to float32), not a tensor: no host-to-device copy in every forward.
+    log_span = math.log((max_position - 1) / mid)
+    log_bucket = torch.ceil(log_ratio / log_span * (mid - 1)) + mid
+    return torch.where(abs_delta <= mid, delta, (torch.sign(delta) * log_bucket).to(delta.dtype))
+
+
+class RelativePositions(NamedTuple):
+    """Relative positions of a query sequence against a key sequence, prepared once per forward for every layer.
+
+    Scores depend on query i and key j only through the distance d = i - j: `rows[d + Nk - 1]` is the row of the
+    relative embedding table that distance d reads, for d from -(Nk - 1) up to Nq - 1 ([Nq + Nk - 1]), counted from
+    `first_row`; the attention layers project only the table rows [first_row, first_row + num_rows). The [Nq, Nk]
+    row of every pair, rows[i - j + Nk - 1] (pair_index), is built only where a path reads it.
+
+    Everywhere but eager CPU runs the whole table is read (first_row 0, num_rows 2S) and `cpu` is None. On CPU, `cpu`
+    holds the layouts of attention_cpu.py (CpuLayout), and short sequences project only the rows they read."""
+
+    rows: torch.Tensor
+    first_row: int
+    num_rows: int
+    cpu: CpuLayout | None = None
+
+
+def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
+    """[Nq + Nk - 1] row of the 2S-row relative embedding table for each distance d = i - j, from d = -(Nk - 1) up to
+    Nq - 1: the (bucketed) distance shifted by S and clamped to the table. c2p and p2c both read these rows."""
+    span = config.relative_span
+    distances = torch.arange(-(key_length - 1), query_length, device=device)  # [Nq + Nk - 1]
+    if config.position_buckets > 0:
+        distances = log_bucket_positions(distances, config.position_buckets, config.max_relative_distance)
+    return (distances + span).clamp(0, 2 * span - 1)
+
+
+def pair_index(rows: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """Per-distance values [Nq + Nk - 1] -> per-pair [Nq, Nk]: entry (i, j) is rows[i - j + Nk - 1]."""
+    query_ids = torch.arange(query_length, device=rows.device)[:, None]
+    key_ids = torch.arange(key_length, device=rows.device)[None, :]
+    return rows[query_ids - key_ids + key_length - 1]
+
+
+def relative_position_index(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
+    """[Nq, Nk] index of each (query i, key j) pair into the 2S-row relative embedding table."""
+    rows = relative_distance_rows(query_length, key_length, config, device)
+    return pair_index(rows, query_length, key_length)
+
+
+def relative_positions(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> RelativePositions:
+    """Everything the attention layers need about relative positions (see RelativePositions); computed once per
+    forward from the lengths, so that no layer repeats it. Only Python ints decide the branches: no host sync, and
+    under torch.compile one graph serves every length."""
+    if not cpu_kernels_apply(device):  # the one branch into attention_cpu.py: its layouts, then its kernels
+        return RelativePositions(relative_distance_rows(query_length, key_length, config, device), 0,
+                                 2 * config.relative_span)
+    if one_row_per_distance(query_length, key_length, config):
+        num_rows = query_length + key_length - 1
+        first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
+        return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows,
+                                 CpuLayout(one_row_per_distance=True))
+    rows = relative_distance_rows(query_length, key_length, config, device)
+    cpu = cpu_layout_of(rows, pair_index(rows, query_length, key_length), query_length, key_length)
+    return RelativePositions(rows, 0, 2 * config.relative_span, cpu)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Disentangled attention
+#
+# Every implementation takes (query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training) and
+# returns (context [B, H, Nq, D], probabilities or None); DebertaCustomSelfAttention picks one from
+# ATTENTION_FUNCTIONS by config._attn_implementation. Speed tricks measured on CPU live in attention_cpu.py.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def position_scores(query, key, pos_key, pos_query, relative, scale):
+    """c2p + p2c for every (query, key) pair, each term scaled before the sum (which keeps half precision in range):
+    [B, H, Nq, Nk], or None without position terms. query [B, H, Nq, D]; key [B, H, Nk, D]; pos_key (c2p) and
+    pos_query (p2c) [H, R, D] or None: the projected rows of the relative table that `relative` reads."""
+    batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
+    if pos_key is None and pos_query is None:
+        return None
+    index = pair_index(relative.rows, query_length, key_length)  # [Nq, Nk]
+    scores = 0
+    if pos_key is not None:  # c2p[i, j] = Q_i . K_r[index[i, j]]
+        c2p_table = torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
+        scores = scores + torch.gather(c2p_table, -1, index.expand(batch, heads, query_length, key_length))
+    if pos_query is not None:  # p2c[i, j] = K_j . Q_r[index[i, j]]: gathered along the keys' rows, then transposed
+        p2c_table = torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
+        index_t = index.transpose(0, 1).expand(batch, heads, key_length, query_length)
+        scores = scores + torch.gather(p2c_table, -1, index_t).transpose(-1, -2)
+    return scores
+
+
+def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V. key_mask
+    [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
+    position = position_scores(query, key, pos_key, pos_query, relative, scale)
+    if position is not None:
+        scores = scores + position
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value), probs
+
+
+def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
+    once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
+    the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
+    probabilities."""
+    dropout = dropout if training else 0.0
+    if pos_key is None and pos_query is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
+                                              scale=scale), None
+    if relative.cpu is not None:  # prepared for attention_cpu.py's kernels (see relative_positions)
+        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout,
+                                  training), None
+    bias = position_scores(query, key, pos_key, pos_query, relative, scale)  # [B, H, Nq, Nk]
+    bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
+
+
+def _flex_attention_uncompiled():
+    from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5; imported only by this path
+
+    return flex_attention
+
+
+# FlexAttention's key-block size: a block whose keys are all padding is skipped, one with no padding takes the fast
+# unmasked kernel, the rest apply the key mask element by element.
+FLEX_BLOCK_SIZE = 128
+
+
+@functools.cache
+def _compiled_flex_attention(dynamic: bool):
+    """torch's flex_attention compiled once per process (FlexAttention runs unfused, materialising every score,
+    unless compiled). dynamic=None on GPU: after the first shape one graph serves every batch size and length.
+    Static shapes on CPU, where inductor's flex kernel cannot take dynamic shapes (torch 2.13.0: see
+    FLEX_STATIC_ON_CPU)."""
+    return torch.compile(_flex_attention_uncompiled(), dynamic=None if dynamic else False)
+
+
+# Measured with torch 2.13.0 on CPU: torch.compile(flex_attention, dynamic=True) fails to build inductor's CPU kernel
+# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew (a few seconds) and dynamo's recompile limit applies.
+FLEX_STATIC_ON_CPU = True
+
+
+def padding_block_mask(key_mask, query_length):
+    """FlexAttention BlockMask for key padding, built from [B, Nk] per-block counts (no [Nq, Nk] tensor, no host
+    read): key blocks with no real token are skipped, blocks with no padding need no mask_mod, the others apply
+    the key mask. Every query block sees the same key blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, key_length = key_mask.shape[0], key_mask.shape[-1]
+    keys = key_mask.reshape(batch, key_length)
+    key_blocks, query_blocks = -(-key_length // FLEX_BLOCK_SIZE), -(-query_length // FLEX_BLOCK_SIZE)
+    blocks = F.pad(keys, (0, key_blocks * FLEX_BLOCK_SIZE - key_length)).view(batch, key_blocks, FLEX_BLOCK_SIZE)
+    full = blocks.all(-1)  # [B, key blocks]
+    partial = blocks.any(-1) & ~full  # (the last block is partial when Nk is no multiple of the block size)
+    keys = blocks.flatten(1)  # [B, key blocks * block size]: the kernel also visits the last block's padding
+
+    def counts_and_indices(selected):  # [B, key blocks] -> [B, 1, Q blocks], [B, 1, Q blocks, key blocks] int32
+        count = selected.sum(-1, dtype=torch.int32)[:, None, None].expand(batch, 1, query_blocks)
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return count.contiguous(), order[:, None, None, :].expand(batch, 1, query_blocks, key_blocks).contiguous()
+
+    def is_real_key(b, h, q_idx, kv_idx):
+        return keys[b, kv_idx]
+
+    return BlockMask.from_kv_blocks(*counts_and_indices(partial), *counts_and_indices(full),
+                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=is_real_key,
+                                    seq_lengths=(query_length, key_length))
+
+
+def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+    """Fused path: torch's FlexAttention computes the content scores block by block and adds the position terms
+    inside the kernel (score_mod), read from the compact products c2p [B, H, Nq, R] and p2c [B, H, Nk, R]; padding
+    is a block mask (padding_block_mask). No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
+    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients, since
+    torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
+    needs attention_probs_dropout_prob=0 and a GPU. Inside torch.compile it joins the caller's graph; outside it runs
+    compiled on its own. No probabilities."""
+    if training and dropout > 0:
+        raise ValueError(
+            f"attn_implementation='flex_attention' has no attention dropout, but attention_probs_dropout_prob is "
+            f"{dropout}: set it to 0.0 in the config to train with this path, or use 'sdpa' (inference in eval() "
+            "mode is unaffected)"
+        )
+    needs_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (query, key, value, pos_key, pos_query))
+    if query.device.type == "cpu" and needs_backward:
+        raise NotImplementedError(
+            "attn_implementation='flex_attention' cannot train on CPU: torch has no FlexAttention backward there. "
+            "Use 'sdpa' (the default) for CPU training, or run under torch.no_grad()/inference_mode()"
+        )
+    c2p = None if pos_key is None else torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]
+    p2c = None if pos_query is None else torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
+    query_length, key_length = query.shape[-2], key.shape[-2]
+    rows = None if relative is None else relative.rows
+
+    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
+        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
+        # its reads inside the tensors.
+        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
+        row = rows[i - j + key_length - 1]
+        if c2p is not None:
+            score = score + c2p[batch, head, i, row]
+        return score if p2c is None else score + p2c[batch, head, j, row]
+
+    score_mod = None if c2p is None and p2c is None else add_position_scores
+    if query.device.type == "cpu":
+        # torch 2.13.0's CPU kernel reads past the end of a partial last block (measured: wrong or NaN outputs at
+        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
+        query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
+        key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
+        key_mask = F.pad(key_mask, (0, -key_length % FLEX_BLOCK_SIZE))  # padded keys: False, never attended
+    block_mask = padding_block_mask(key_mask, query.shape[-2])
+    if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
+        flex_attention = _flex_attention_uncompiled()
+    else:
+        flex_attention = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
+    context = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return context[:, :, :query_length], None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention_path}
+
+
+class DebertaCustomSelfAttention(nn.Module):
+    """Scores = (Q_c K_c^T + c2p + p2c) / sqrt(D * (1 + number of position terms)), where
+    c2p[i, j] = Q_c[i] . K_r[idx(i, j)] and p2c[i, j] = K_c[j] . Q_r[idx(i, j)] (idx from relative_position_index)."""
+
+    def __init__(self, config: DebertaCustomConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.head_size
+        inner_size = self.num_heads * self.head_size
+        self.fused_projection = config.attention_variant == "v1"
+        self.pos_att_type = config.pos_att_type if config.relative_attention else []
+        # As in the reference implementations, the scale counts the configured position terms.
+        self.scale = 1.0 / math.sqrt(self.head_size * (1 + len(config.pos_att_type)))
+
+        if self.fused_projection:  # v1: one matrix, rows interleaved per head as [q_h, k_h, v_h]
+            self.in_proj = nn.Linear(config.hidden_size, 3 * inner_size, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(inner_size))
+            self.v_bias = nn.Parameter(torch.zeros(inner_size))
+        else:
+            self.query_proj = nn.Linear(config.hidden_size, inner_size)
+            self.key_proj = nn.Linear(config.hidden_size, inner_size)
+            self.value_proj = nn.Linear(config.hidden_size, inner_size)
+
+        if self.pos_att_type:
+            self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
+            if self.fused_projection:
+                if "c2p" in self.pos_att_type:
+                    self.pos_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+                if "p2c" in self.pos_att_type:
+                    self.pos_q_proj = nn.Linear(config.hidden_size, inner_size)
+            elif not config.share_att_key:
+                if "c2p" in self.pos_att_type:
+                    self.pos_key_proj = nn.Linear(config.hidden_size, inner_size)
+                if "p2c" in self.pos_att_type:
+                    self.pos_query_proj = nn.Linear(config.hidden_size, inner_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-2, -3)  # [..., N, C] -> [..., H, N, D]
+
+    def project_content(self, hidden_states, query_states):
+        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D]."""
+        if not self.fused_projection:
+            return (
+                self.split_heads(self.query_proj(query_states)),
+                self.split_heads(self.key_proj(hidden_states)),
+                self.split_heads(self.value_proj(hidden_states)),
+            )
+        # The module is called (not its weight read), so that adapters wrapping in_proj (LoRA) take part.
+        fused = self.in_proj(hidden_states)  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
+        fused = fused.view(*fused.shape[:-1], self.num_heads, 3, self.head_size)  # [B, N, H, 3, D]
+        if query_states is not hidden_states:  # EMD: the query comes from other states
+            query = self.in_proj(query_states).view(*query_states.shape[:-1], *fused.shape[-3:])[..., 0, :]
+        else:
+            query = fused[..., 0, :]
+        biases = (self.q_bias.view(self.num_heads, self.head_size), self.v_bias.view(self.num_heads, self.head_size))
+        # [B, N, H, D] -> [B, H, N, D]
+        return (
+            (query + biases[0]).transpose(1, 2),
+            fused[..., 1, :].transpose(1, 2),
+            (fused[..., 2, :] + biases[1]).transpose(1, 2),
+        )
+
+    def project_positions(self, rel_embeddings, relative: RelativePositions):
+        """The rows of the relative embeddings [2S, C] that `relative` reads -> (position keys for c2p, position
+        queries for p2c), each [H, R, D] or None."""
+        rel_embeddings = self.pos_dropout(rel_embeddings[relative.first_row:relative.first_row + relative.num_rows])
+        pos_key = pos_query = None
+        if self.fused_projection:
+            key_proj, query_proj = getattr(self, "pos_proj", None), getattr(self, "pos_q_proj", None)
+        elif self.config.share_att_key:
+            key_proj, query_proj = self.key_proj, self.query_proj
+        else:
+            key_proj, query_proj = getattr(self, "pos_key_proj", None), getattr(self, "pos_query_proj", None)
+        if "c2p" in self.pos_att_type:
+            pos_key = self.split_heads(key_proj(rel_embeddings))
+        if "p2c" in self.pos_att_type:
+            pos_query = self.split_heads(query_proj(rel_embeddings))
+        return pos_key, pos_query
+
+    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+                output_attentions=False):
+        if query_states is None:
+            query_states = hidden_states
+        query, key, value = self.project_content(hidden_states, query_states)
+        pos_key = pos_query = None
+        if self.pos_att_type:
+            pos_key, pos_query = self.project_positions(rel_embeddings, relative)
+
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation not in ATTENTION_FUNCTIONS:
+            implementation = "eager"
+        context, probs = ATTENTION_FUNCTIONS[implementation](
+            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
+            self.training
+        )
+        context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
+        return context, probs
