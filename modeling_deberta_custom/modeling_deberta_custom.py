@@ -58,8 +58,9 @@ from .losses import (
     can_check_values,
     check_labels,
     cross_entropy_sum,
+    left_out_labels,
     mean_over_items,
-    sparse_prediction_positions,
+    prediction_positions,
 )
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
@@ -571,6 +572,27 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
                       else torch.ones(batch, length, dtype=torch.bool, device=device))
         return outputs, self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
 
+    def sparse_logits_and_loss(self, sequence_output, labels):
+        """Vocabulary logits [R, V] only at `prediction_positions` (the labelled positions first, in row-major order)
+        and the summed cross-entropy over every labelled position. Eager: R = the labelled positions. Compiled: R is a
+        budget fixed by the shapes, and labelled positions beyond it are scored by a dense pass under torch.cond
+        (their logits are not returned)."""
+        lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
+        hidden = sequence_output.flatten(0, 1)  # [B, N, C] -> [B * N, C]
+        positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
+        logits = lm_head(hidden.index_select(0, positions), word_embeddings)  # [R, V]
+        loss_sum = cross_entropy_sum(logits, labels.flatten().index_select(0, positions))
+        left_out = left_out_labels(labels, positions)  # [B * N], or None when the rows hold every label
+        if left_out is not None:
+            def dense_pass(hidden, left_out):
+                return cross_entropy_sum(lm_head(hidden, word_embeddings), left_out)
+
+            def nothing_left(hidden, left_out):
+                return torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+            loss_sum = loss_sum + torch.cond(left_out.ne(-100).any(), dense_pass, nothing_left, (hidden, left_out))
+        return logits, loss_sum
+
     def forward(
         self,
         input_ids=None,
@@ -594,14 +616,12 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
-            targets = labels
             if self.training and self.config.sparse_mlm_logits:
-                # Vocabulary logits only at K positions, the labelled ones first (see sparse_prediction_positions).
-                positions = sparse_prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [K]
-                sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
-                targets = labels.flatten().index_select(0, positions)  # [K], -100 past the labelled rows
-            logits = lm_head(sequence_output, word_embeddings)  # [B, N, V], or [K, V] when sparse
-            loss = mean_over_items(cross_entropy_sum(logits, targets), (labels != -100).sum(), num_items_in_batch)
+                logits, loss_sum = self.sparse_logits_and_loss(sequence_output, labels)  # [R, V]
+            else:
+                logits = lm_head(sequence_output, word_embeddings)  # [B, N, V]
+                loss_sum = cross_entropy_sum(logits, labels)
+            loss = mean_over_items(loss_sum, (labels != -100).sum(), num_items_in_batch)
         else:
             logits = lm_head(sequence_output, word_embeddings)
 

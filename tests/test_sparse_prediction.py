@@ -12,7 +12,7 @@ from conftest import perturb_parameters, tiny_config
 from tokenizers import Tokenizer, models
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
-from modeling_deberta_custom.losses import sparse_prediction_positions
+from modeling_deberta_custom.losses import prediction_positions, sparse_prediction_positions
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 VOCAB = 99  # the tiny config's
@@ -31,8 +31,8 @@ TOKENIZER = word_tokenizer()
 
 
 def collated_batches(probability, batch, length, steps, seed=0):
-    """`steps` batches from DataCollatorForLanguageModeling: [CLS] words [SEP], lengths drawn in [length / 2, length]
-    so that padding varies."""
+    """`steps` batches from DataCollatorForLanguageModeling: [CLS] words [SEP], lengths drawn in [3/4 length - 2,
+    length] so that padding varies."""
     collator = transformers.DataCollatorForLanguageModeling(TOKENIZER, mlm_probability=probability,
                                                             return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)
@@ -40,7 +40,7 @@ def collated_batches(probability, batch, length, steps, seed=0):
     for _ in range(steps):
         examples = []
         for _ in range(batch):
-            size = int(torch.randint(length // 2, length - 1, (1,), generator=generator))
+            size = int(torch.randint(length - 2 - length // 4, length - 1, (1,), generator=generator))
             words = torch.randint(len(SPECIALS), VOCAB, (size,), generator=generator).tolist()
             examples.append({"input_ids": [TOKENIZER.cls_token_id, *words, TOKENIZER.sep_token_id]})
         yield collator(examples)
@@ -112,8 +112,10 @@ def test_sparse_logits_cover_exactly_the_labelled_positions():
     labels[2, [2, 9]] = torch.tensor([6, 98])
     sparse = model(input_ids, labels=labels)
     assert sparse.logits.shape == (5, VOCAB)
-    positions = sparse_prediction_positions(labels, model.config.sparse_mlm_max_fraction)
-    assert positions.tolist() == [0, 5, 11, 26, 33]
+    assert prediction_positions(labels, model.config.sparse_mlm_max_fraction).tolist() == [0, 5, 11, 26, 33]
+    # the fixed-budget order that compiled graphs use (K = ceil(0.25 * 36)): the labelled ones, then unlabelled ones
+    assert sparse_prediction_positions(labels, 0.25).tolist() == [0, 5, 11, 26, 33, 1, 2, 3, 4]
+    assert sparse_prediction_positions(labels, 0.1).tolist() == [0, 5, 11, 26]  # fewer rows than labels: the first
     sparse.loss.backward()
     sparse_gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
