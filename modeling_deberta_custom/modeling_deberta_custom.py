@@ -489,8 +489,15 @@ class DebertaCustomLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states, word_embeddings: nn.Embedding):
-        hidden_states = self.LayerNorm(self.activation(self.dense(hidden_states)))
-        return F.linear(hidden_states, word_embeddings.weight, self.bias)  # [..., V]
+        return self.vocabulary_logits(self.transform(hidden_states), word_embeddings)  # [..., V]
+
+    def transform(self, hidden_states):
+        """dense -> activation -> LayerNorm: [..., C] -> [..., E]."""
+        return self.LayerNorm(self.activation(self.dense(hidden_states)))
+
+    def vocabulary_logits(self, hidden_states, word_embeddings: nn.Embedding):
+        """The tied decoder: [..., E] -> [..., V]. Sparse prediction runs only this on selected rows."""
+        return F.linear(hidden_states, word_embeddings.weight, self.bias)
 
 
 class DebertaCustomOnlyMLMHead(nn.Module):
@@ -578,14 +585,16 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         budget fixed by the shapes, and labelled positions beyond it are scored by a dense pass under torch.cond
         (their logits are not returned)."""
         lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
-        hidden = sequence_output.flatten(0, 1)  # [B, N, C] -> [B * N, C]
+        # The head's transform runs on every position (C x E, small next to the E x V decoder): a torch.cond branch
+        # may not close over LayerNorm's eps, which torch.compile(dynamic=True) makes a symbolic float.
+        hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
         positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
-        logits = lm_head(hidden.index_select(0, positions), word_embeddings)  # [R, V]
+        logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
         loss_sum = cross_entropy_sum(logits, labels.flatten().index_select(0, positions))
         left_out = left_out_labels(labels, positions)  # [B * N], or None when the rows hold every label
         if left_out is not None:
             def dense_pass(hidden, left_out):
-                return cross_entropy_sum(lm_head(hidden, word_embeddings), left_out)
+                return cross_entropy_sum(lm_head.vocabulary_logits(hidden, word_embeddings), left_out)
 
             def nothing_left(hidden, left_out):
                 return torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -224,14 +224,15 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         [B, N, V]. Compiled, R is a budget fixed by the shapes and masked positions beyond it get their loss,
         accuracy and sample from a dense pass under torch.cond."""
         _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
-        hidden = sequence_output.flatten(0, 1)  # [B, N, C] -> [B * N, C]
+        lm_head, word_embeddings = self.generator.lm_predictions.lm_head, self.generator.deberta.embeddings.word_embeddings
+        # The head's transform on every position, its decoder on selected rows (see DebertaCustomForMaskedLM).
+        hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
         flat_labels, flat_ids = labels.flatten(), input_ids.flatten()  # [B * N]
         if self.config.sparse_mlm_logits:
             positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
         else:
             positions = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [B * N]
-        lm_head, word_embeddings = self.generator.lm_predictions.lm_head, self.generator.deberta.embeddings.word_embeddings
-        logits = lm_head(hidden.index_select(0, positions), word_embeddings)  # [R, V]
+        logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
         targets = flat_labels.index_select(0, positions)  # [R]: the masked ids, then -100
         predicted = targets != -100
         mlm_sum = cross_entropy_sum(logits, targets)
@@ -244,19 +245,21 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         left_out = left_out_labels(labels, positions) if self.config.sparse_mlm_logits else None
         if left_out is not None:  # compiled: masked positions beyond the budget, if any, in a dense pass
-            def dense_pass(hidden, left_out):
-                dense_logits = lm_head(hidden, word_embeddings)  # [B * N, V]
+            def dense_pass(hidden, left_out, temperature):
+                dense_logits = lm_head.vocabulary_logits(hidden, word_embeddings)  # [B * N, V]
                 with torch.no_grad():
                     hits = (dense_logits.argmax(-1) == left_out).sum().float()
-                    samples = self.sample_replacements(dense_logits).float()  # float: cond's autograd wants no ints
+                    # float: cond's autograd takes no integer outputs (ids are exact in float32 up to 2**24)
+                    samples = self.sample_replacements(dense_logits, temperature).float()
                 return cross_entropy_sum(dense_logits, left_out), hits, samples
 
-            def nothing_left(hidden, left_out):
+            def nothing_left(hidden, left_out, temperature):
                 zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 return zero, zero.clone(), torch.zeros(left_out.shape, dtype=torch.float32, device=hidden.device)
 
+            temperature = torch.full((), self.config.rtd_sampling_temperature, device=hidden.device)
             extra_sum, extra_hits, samples = torch.cond(left_out.ne(-100).any(), dense_pass, nothing_left,
-                                                        (hidden, left_out))
+                                                        (hidden, left_out, temperature))
             mlm_sum = mlm_sum + extra_sum
             correct = correct + extra_hits.detach().long()
             sampled_ids = torch.where(left_out != -100, samples.detach().to(flat_ids.dtype), sampled_ids)
@@ -268,11 +271,13 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         return self.mask_predictions(outputs.last_hidden_state)
 
     @torch.no_grad()
-    def sample_replacements(self, generator_logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of [M, V] logits, drawn from softmax(logits / rtd_sampling_temperature)."""
+    def sample_replacements(self, generator_logits: torch.Tensor, temperature=None) -> torch.Tensor:
+        """One token per row of [M, V] logits, drawn from softmax(logits / temperature), by default
+        rtd_sampling_temperature (a 0-dim tensor works too: torch.cond branches take no float)."""
         if generator_logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=generator_logits.device)
-        probs = torch.softmax(generator_logits.float() / self.config.rtd_sampling_temperature, dim=-1)
+        temperature = self.config.rtd_sampling_temperature if temperature is None else temperature
+        probs = torch.softmax(generator_logits.float() / temperature, dim=-1)
         return torch.multinomial(probs, 1).squeeze(-1)
 
     @staticmethod
