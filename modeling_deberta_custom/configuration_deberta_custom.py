@@ -127,13 +127,17 @@ class DebertaCustomConfig(PretrainedConfig):
         use_enhanced_mask_decoder (`bool`, True): the masked-LM head decodes with EMD when absolute positions are
             not at the input (position_biased_input false); otherwise it reads the last layer as BERT does.
         emd_num_passes (`int`, 2): how many times EMD applies the last encoder layer (shared weights).
-        sparse_mlm_logits (`bool`, True): in training with labels, compute vocabulary logits only at labelled
-            positions: the returned logits are then [K, vocab_size] at `sparse_prediction_positions(labels,
-            sparse_mlm_max_fraction)` (every labelled position in row-major order first, then unlabelled ones).
-        sparse_mlm_max_fraction (`float`, 0.25): K = ceil(sparse_mlm_max_fraction * batch * length), a number fixed
-            by the shapes so that no shape depends on the data (no host sync, one compiled graph). A batch with more
-            labelled positions is an error; the default leaves a wide margin for 15% masking (the pretraining
-            script raises it for higher masking rates). RTD's generator uses it in training and evaluation alike.
+        sparse_mlm_logits (`bool`, True): in training with labels, compute vocabulary logits only where there are
+            labels (the vocabulary projection is the largest cost of masked-LM pretraining with a 128k vocabulary);
+            the returned logits are then [R, vocab_size] at `prediction_positions(labels, sparse_mlm_max_fraction)`,
+            the labelled positions first in row-major order. The loss is the dense one for every batch, whatever its
+            number of labels. Eager: R = the number of labelled positions, read on the host (free on CPU, one device
+            sync per step on accelerators). False: dense logits [B, N, vocab_size], no host read.
+        sparse_mlm_max_fraction (`float`, 0.25): under torch.compile / torch.export only, where no shape may depend on
+            the data: R = ceil(sparse_mlm_max_fraction * batch * length), fixed by the shapes (one graph). A batch
+            with more labelled positions is still exact: those beyond R are scored by a dense pass under torch.cond
+            (that step then pays for the dense projection), so keep it above the masking rate with a margin for small
+            batches. RTD's generator follows both fields in training and evaluation alike.
 
     Replaced-token-detection pretraining (DeBERTaV3):
         rtd_generator_num_layers (`int`, None): generator depth; None means half the discriminator's.
