@@ -223,15 +223,15 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         config.sparse_mlm_logits=False), in training and evaluation alike, so that a 128k vocabulary never builds
         [B, N, V]. Compiled, R is a budget fixed by the shapes and masked positions beyond it get their loss,
         accuracy and sample from a dense pass under torch.cond."""
+        flat_labels, flat_ids = labels.flatten(), input_ids.flatten()  # [B * N]
+        if self.config.sparse_mlm_logits:  # before the generator runs: see DebertaCustomForMaskedLM.forward
+            positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
+        else:
+            positions = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [B * N]
         _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
         lm_head, word_embeddings = self.generator.lm_predictions.lm_head, self.generator.deberta.embeddings.word_embeddings
         # The head's transform on every position, its decoder on selected rows (see DebertaCustomForMaskedLM).
         hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
-        flat_labels, flat_ids = labels.flatten(), input_ids.flatten()  # [B * N]
-        if self.config.sparse_mlm_logits:
-            positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
-        else:
-            positions = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [B * N]
         logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
         targets = flat_labels.index_select(0, positions)  # [R]: the masked ids, then -100
         predicted = targets != -100
