@@ -290,6 +290,10 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     # Whether this class holds RTD pretraining's generator (and loads such folders as they are, without merging).
     holds_rtd_generator = False
 
+    def __init__(self, config: DebertaCustomConfig, *inputs, **kwargs):
+        config.validate_structure()  # the config accepted any sizes; a model refuses those it cannot be built with
+        super().__init__(config, *inputs, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
