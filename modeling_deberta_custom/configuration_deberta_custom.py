@@ -1,4 +1,5 @@
-"""Configuration of the DeBERTa family (v1, v2, v3): every default in one place, validated on creation.
+"""Configuration of the DeBERTa family (v1, v2, v3): every default in one place; each field validated on creation,
+how fields fit together when a model is built from it.
 
 This file is copied next to the weights by `save_pretrained`, so it imports only transformers and the standard library.
 """
@@ -127,13 +128,17 @@ class DebertaCustomConfig(PretrainedConfig):
         use_enhanced_mask_decoder (`bool`, True): the masked-LM head decodes with EMD when absolute positions are
             not at the input (position_biased_input false); otherwise it reads the last layer as BERT does.
         emd_num_passes (`int`, 2): how many times EMD applies the last encoder layer (shared weights).
-        sparse_mlm_logits (`bool`, True): in training with labels, compute vocabulary logits only at labelled
-            positions: the returned logits are then [K, vocab_size] at `sparse_prediction_positions(labels,
-            sparse_mlm_max_fraction)` (every labelled position in row-major order first, then unlabelled ones).
-        sparse_mlm_max_fraction (`float`, 0.25): K = ceil(sparse_mlm_max_fraction * batch * length), a number fixed
-            by the shapes so that no shape depends on the data (no host sync, one compiled graph). A batch with more
-            labelled positions is an error; the default leaves a wide margin for 15% masking (the pretraining
-            script raises it for higher masking rates). RTD's generator uses it in training and evaluation alike.
+        sparse_mlm_logits (`bool`, True): in training with labels, compute vocabulary logits only where there are
+            labels (the vocabulary projection is the largest cost of masked-LM pretraining with a 128k vocabulary);
+            the returned logits are then [R, vocab_size] at `prediction_positions(labels, sparse_mlm_max_fraction)`,
+            the labelled positions first in row-major order. The loss is the dense one for every batch, whatever its
+            number of labels. Eager: R = the number of labelled positions, read on the host (free on CPU, one device
+            sync per step on accelerators). False: dense logits [B, N, vocab_size], no host read.
+        sparse_mlm_max_fraction (`float`, 0.25): under torch.compile / torch.export only, where no shape may depend on
+            the data: R = ceil(sparse_mlm_max_fraction * batch * length), fixed by the shapes (one graph). A batch
+            with more labelled positions is still exact: those beyond R are scored by a dense pass under torch.cond
+            (that step then pays for the dense projection), so keep it above the masking rate with a margin for small
+            batches. RTD's generator follows both fields in training and evaluation alike.
 
     Replaced-token-detection pretraining (DeBERTaV3):
         rtd_generator_num_layers (`int`, None): generator depth; None means half the discriminator's.
@@ -294,15 +299,17 @@ class DebertaCustomConfig(PretrainedConfig):
     def uses_enhanced_mask_decoder(self) -> bool:
         return self.use_enhanced_mask_decoder and not self.position_biased_input
 
+    def _require(self, condition, field, message):
+        if not condition:
+            raise ValueError(f"DebertaCustomConfig.{field}={getattr(self, field)!r} is invalid: {message}")
+
     def validate_fields(self):
-        """Raise ValueError naming the first invalid field."""
-
-        def require(condition, field, message):
-            if not condition:
-                raise ValueError(f"DebertaCustomConfig.{field}={getattr(self, field)!r} is invalid: {message}")
-
+        """Raise ValueError naming the first field whose value no config can hold: a wrong type, an unknown name, a
+        size or probability out of range. Run on construction and on loading; how fields fit together is checked when
+        a model is built (`validate_structure`)."""
+        require = self._require
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "max_position_embeddings", "emd_num_passes"):
+                      "max_position_embeddings", "emd_num_passes", "conv_groups"):
             value = getattr(self, field)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
                     "must be a positive integer")
@@ -323,37 +330,46 @@ class DebertaCustomConfig(PretrainedConfig):
         unknown = [item for item in self.pos_att_type if item not in POSITION_ATTENTION_TYPES]
         require(not unknown, "pos_att_type", f"unknown item(s) {unknown}; allowed: {POSITION_ATTENTION_TYPES}")
         require(len(set(self.pos_att_type)) == len(self.pos_att_type), "pos_att_type", "items must not repeat")
-        require(self.hidden_size % self.num_attention_heads == 0 or self.attention_head_size is not None,
-                "num_attention_heads", f"must divide hidden_size={self.hidden_size}")
-        require(self.head_size * self.num_attention_heads == self.hidden_size, "attention_head_size",
-                f"num_attention_heads * head size must equal hidden_size={self.hidden_size}")
         require(self.position_buckets == -1 or self.position_buckets > 1, "position_buckets",
                 "must be -1 (no buckets) or at least 2")
         require(self.max_relative_positions == -1 or self.max_relative_positions > 1, "max_relative_positions",
                 "must be -1 (use max_position_embeddings) or at least 2")
-        if self.position_buckets > 0:
-            require(self.max_relative_distance > self.position_buckets // 2 + 1, "position_buckets",
-                    f"half of it must stay below max_relative_positions={self.max_relative_distance} - 1")
         require(self.norm_rel_ebd in ("none", "layer_norm"), "norm_rel_ebd", "expected 'none' or 'layer_norm'")
         require(self.hidden_act in ACT2FN, "hidden_act", "unknown activation")
         require(self.pooler_hidden_act in ACT2FN, "pooler_hidden_act", "unknown activation")
         require(self.conv_act in ACT2FN, "conv_act", "unknown activation")
         require(isinstance(self.conv_kernel_size, int) and self.conv_kernel_size >= 0, "conv_kernel_size",
                 "must be 0 (no convolution) or a positive integer")
-        if self.conv_kernel_size > 0:
-            require(self.conv_kernel_size % 2 == 1, "conv_kernel_size", "must be odd so the length is preserved")
-            require(self.conv_groups > 0 and self.hidden_size % self.conv_groups == 0, "conv_groups",
-                    f"must divide hidden_size={self.hidden_size}")
-        if self.attention_variant == "v1":
-            require(self.position_buckets <= 0, "position_buckets", "DeBERTa v1 attention has no position buckets")
-            require(not self.share_att_key, "share_att_key", "DeBERTa v1 attention has separate position projections")
-            require(self.norm_rel_ebd == "none", "norm_rel_ebd", "DeBERTa v1 does not normalise relative embeddings")
+        require(self.conv_kernel_size % 2 == 1 or self.conv_kernel_size == 0, "conv_kernel_size",
+                "must be odd so the length is preserved")
         require(self.rtd_embedding_sharing in EMBEDDING_SHARING_MODES, "rtd_embedding_sharing",
                 f"expected one of {EMBEDDING_SHARING_MODES}")
         require(0.0 < self.sparse_mlm_max_fraction <= 1.0, "sparse_mlm_max_fraction", "must be in (0, 1]")
         require(self.rtd_loss_weight >= 0, "rtd_loss_weight", "must be non-negative")
         require(0.0 < self.rtd_mask_probability < 1.0, "rtd_mask_probability", "must be in (0, 1)")
         require(self.rtd_sampling_temperature > 0, "rtd_sampling_temperature", "must be positive")
+
+    def validate_structure(self):
+        """Raise ValueError naming the first field whose value does not fit the others (heads that do not divide the
+        width, buckets beyond the relative span, options DeBERTa v1 lacks). Every model class runs it when it is
+        built: as with transformers' configs, a config accepts such values, so that it can be built, edited and then
+        fixed (transformers' own tests build DebertaV2Config(hidden_size=37) with 12 heads)."""
+        self.validate_fields()  # fields may have been edited since construction
+        require = self._require
+        require(self.hidden_size % self.num_attention_heads == 0 or self.attention_head_size is not None,
+                "num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        require(self.head_size * self.num_attention_heads == self.hidden_size, "attention_head_size",
+                f"num_attention_heads * head size must equal hidden_size={self.hidden_size}")
+        if self.position_buckets > 0:
+            require(self.max_relative_distance > self.position_buckets // 2 + 1, "position_buckets",
+                    f"half of it must stay below max_relative_positions={self.max_relative_distance} - 1")
+        if self.conv_kernel_size > 0:
+            require(self.hidden_size % self.conv_groups == 0, "conv_groups",
+                    f"must divide hidden_size={self.hidden_size}")
+        if self.attention_variant == "v1":
+            require(self.position_buckets <= 0, "position_buckets", "DeBERTa v1 attention has no position buckets")
+            require(not self.share_att_key, "share_att_key", "DeBERTa v1 attention has separate position projections")
+            require(self.norm_rel_ebd == "none", "norm_rel_ebd", "DeBERTa v1 does not normalise relative embeddings")
 
 
 __all__ = ["DebertaCustomConfig"]

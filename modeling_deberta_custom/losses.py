@@ -1,5 +1,5 @@
 """The loss helpers every head shares: sums in float32 divided by a count that may come from the Trainer
-(gradient accumulation), label checks that cost no device sync, and the sparse masked-LM positions.
+(gradient accumulation), label checks that cost no device sync, and the positions where masked-LM heads predict.
 
 Part of the remote-code wing (copied next to the weights by `save_pretrained`): imports only torch.
 """
@@ -41,36 +41,45 @@ def binary_cross_entropy_sum(logits, labels, counted):
     return torch.where(counted, losses, 0.0).sum()
 
 
-def sparse_prediction_positions(labels: torch.Tensor, max_fraction: float) -> torch.Tensor:
-    """[K] positions of a [B, N] batch, as indices into its flattened B * N positions, at which the masked-LM head
-    computes vocabulary logits: every labelled position (labels != -100) in row-major order, then the first unlabelled
-    ones, K = ceil(max_fraction * B * N) in all (at most B * N).
+def prediction_positions(labels: torch.Tensor, max_fraction: float) -> torch.Tensor:
+    """[R] positions of a [B, N] batch, as indices into its flattened B * N positions, at which a masked-LM head
+    computes vocabulary logits (the vocabulary projection, the largest cost of masked-LM pretraining with a 128k
+    vocabulary, runs on these rows only). The labelled positions (labels != -100) come first, in row-major order.
 
-    Why this shape: gathering exactly the labelled positions (boolean indexing) gives a shape known only after a host
-    sync, which stalls an accelerator's stream every step and breaks compiled graphs. K depends on the shapes only, so
-    the vocabulary projection (the largest cost of masked-LM pretraining with a 128k vocabulary) still runs on a
-    fraction of the tokens, and the first (number of labelled) rows hold exactly what boolean indexing gave. A batch
-    with more than K labelled positions raises (config.sparse_mlm_max_fraction sets K): on CPU tensors a ValueError,
-    on accelerators a device-side assertion (no sync)."""
+    Eager: exactly the labelled positions (R = their number), so no batch is ever beyond a budget. Their number is
+    read on the host: free on CPU, one device sync per step on accelerators (as ModernBERT's sparse prediction).
+    Compiled or exported (torch.compile, torch.export): a shape cannot depend on the data there, so R is a budget
+    fixed by the shapes, K = ceil(max_fraction * B * N) (see `sparse_prediction_positions`); labelled positions
+    beyond it are left to `left_out_labels`, which the heads score in a dense pass under torch.cond."""
+    if torch.compiler.is_compiling():
+        return sparse_prediction_positions(labels, max_fraction)
+    return (labels != -100).flatten().nonzero().squeeze(1)  # [M]
+
+
+def sparse_prediction_positions(labels: torch.Tensor, max_fraction: float) -> torch.Tensor:
+    """[K] positions of a [B, N] batch, as indices into its flattened B * N positions: every labelled position
+    (labels != -100) in row-major order, then the first unlabelled ones, K = ceil(max_fraction * B * N) in all (at
+    most B * N). K depends on the shapes only (no host sync, one compiled graph); when more than K positions are
+    labelled, the first K of them are returned (the rest: `left_out_labels`). With max_fraction=1.0 this is the row
+    order of any prediction_positions output: its R rows are the first R of these."""
     labelled = (labels != -100).flatten()  # [B * N]
     total = labelled.shape[0]
     budget = min(total, math.ceil(max_fraction * total))
-    check_prediction_budget(labelled, budget, max_fraction)
     # A stable sort keeps row-major order within the labelled and within the unlabelled positions.
     order = torch.sort(labelled.to(torch.int8), descending=True, stable=True).indices  # [B * N]
     return order[:budget]
 
 
-def check_prediction_budget(labelled, budget, max_fraction):
-    remedy = "raise config.sparse_mlm_max_fraction (up to 1.0) or set config.sparse_mlm_logits=False"
-    if can_check_values(labelled):
-        count = int(labelled.sum())
-        if count > budget:
-            raise ValueError(f"The labels hold {count} labelled positions, more than {budget} (sparse_mlm_max_fraction="
-                             f"{max_fraction} of {labelled.shape[0]} positions) in this batch: {remedy}")
-    elif not torch.jit.is_tracing():  # a device-side assertion: no sync (a constant message: values may be symbolic)
-        torch._assert_async(labelled.sum() <= budget,
-                            "More labelled positions than config.sparse_mlm_max_fraction allows: " + remedy)
+def left_out_labels(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The labels [B * N] of the labelled positions that `positions` leaves out (-100 elsewhere), for a dense pass
+    that scores them; None where `positions` holds every labelled position (eager: see prediction_positions).
+
+    Under torch.compile a head runs that pass as `torch.cond(left_out.ne(-100).any(), dense pass, zeros)`: exact for
+    every batch, at the cost of a dense vocabulary projection on the (rare, with a budget above the masking rate)
+    batches beyond the budget, and of the one device read that the branch needs."""
+    if not torch.compiler.is_compiling():
+        return None
+    return labels.flatten().index_fill(0, positions, -100)  # [B * N]
 
 
 def check_labels(labels, expected_shape, num_classes, name):

@@ -65,8 +65,9 @@ from .losses import (
     can_check_values,
     check_labels,
     cross_entropy_sum,
+    left_out_labels,
     mean_over_items,
-    sparse_prediction_positions,
+    prediction_positions,
 )
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
@@ -299,6 +300,10 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     # Whether this class holds RTD pretraining's generator (and loads such folders as they are, without merging).
     holds_rtd_generator = False
 
+    def __init__(self, config: DebertaCustomConfig, *inputs, **kwargs):
+        config.validate_structure()  # the config accepted any sizes; a model refuses those it cannot be built with
+        super().__init__(config, *inputs, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -498,8 +503,15 @@ class DebertaCustomLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states, word_embeddings: nn.Embedding):
-        hidden_states = self.LayerNorm(self.activation(self.dense(hidden_states)))
-        return F.linear(hidden_states, word_embeddings.weight, self.bias)  # [..., V]
+        return self.vocabulary_logits(self.transform(hidden_states), word_embeddings)  # [..., V]
+
+    def transform(self, hidden_states):
+        """dense -> activation -> LayerNorm: [..., C] -> [..., E]."""
+        return self.LayerNorm(self.activation(self.dense(hidden_states)))
+
+    def vocabulary_logits(self, hidden_states, word_embeddings: nn.Embedding):
+        """The tied decoder: [..., E] -> [..., V]. Sparse prediction runs only this on selected rows."""
+        return F.linear(hidden_states, word_embeddings.weight, self.bias)
 
 
 class DebertaCustomOnlyMLMHead(nn.Module):
@@ -581,6 +593,28 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
                       else torch.ones(batch, length, dtype=torch.bool, device=device))
         return outputs, self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
 
+    def sparse_logits_and_loss(self, sequence_output, labels, positions):
+        """Vocabulary logits [R, V] only at `positions` [R] (from `prediction_positions`: the labelled positions first,
+        in row-major order) and the summed cross-entropy over every labelled position. Eager: R = the labelled
+        positions. Compiled: R is a budget fixed by the shapes, and labelled positions beyond it are scored by a dense
+        pass under torch.cond (their logits are not returned)."""
+        lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
+        # The head's transform runs on every position (C x E, small next to the E x V decoder): a torch.cond branch
+        # may not close over LayerNorm's eps, which torch.compile(dynamic=True) makes a symbolic float.
+        hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
+        logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
+        loss_sum = cross_entropy_sum(logits, labels.flatten().index_select(0, positions))
+        left_out = left_out_labels(labels, positions)  # [B * N], or None when the rows hold every label
+        if left_out is not None:
+            def dense_pass(hidden, left_out):
+                return cross_entropy_sum(lm_head.vocabulary_logits(hidden, word_embeddings), left_out)
+
+            def nothing_left(hidden, left_out):
+                return torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+            loss_sum = loss_sum + torch.cond(left_out.ne(-100).any(), dense_pass, nothing_left, (hidden, left_out))
+        return logits, loss_sum
+
     def forward(
         self,
         input_ids=None,
@@ -598,20 +632,22 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
+        sparse = labels is not None and self.training and self.config.sparse_mlm_logits
+        # Chosen before the backbone runs: eager mode reads the number of labels on the host, and that device sync
+        # costs least while little work is queued (on an H200, base, one after the encoder cost 17% of the step).
+        positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction) if sparse else None  # [R]
         outputs, sequence_output = self.decode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                                output_attentions, output_hidden_states)
         lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
         loss = None
         if labels is not None:
             check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
-            targets = labels
-            if self.training and self.config.sparse_mlm_logits:
-                # Vocabulary logits only at K positions, the labelled ones first (see sparse_prediction_positions).
-                positions = sparse_prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [K]
-                sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
-                targets = labels.flatten().index_select(0, positions)  # [K], -100 past the labelled rows
-            logits = lm_head(sequence_output, word_embeddings)  # [B, N, V], or [K, V] when sparse
-            loss = mean_over_items(cross_entropy_sum(logits, targets), (labels != -100).sum(), num_items_in_batch)
+            if sparse:
+                logits, loss_sum = self.sparse_logits_and_loss(sequence_output, labels, positions)  # [R, V]
+            else:
+                logits = lm_head(sequence_output, word_embeddings)  # [B, N, V]
+                loss_sum = cross_entropy_sum(logits, labels)
+            loss = mean_over_items(loss_sum, (labels != -100).sum(), num_items_in_batch)
         else:
             logits = lm_head(sequence_output, word_embeddings)
 

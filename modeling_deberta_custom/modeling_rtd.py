@@ -48,8 +48,9 @@ from .losses import (
     binary_cross_entropy_sum,
     check_labels,
     cross_entropy_sum,
+    left_out_labels,
     mean_over_items,
-    sparse_prediction_positions,
+    prediction_positions,
 )
 from .modeling_deberta_custom import (
     AUTO_MAP,
@@ -141,10 +142,11 @@ class RTDPreTrainingOutput(ModelOutput):
     logits: [B, N] discriminator logits on `discriminator_input_ids`.
     rtd_labels: [B, N] 1 replaced, 0 original, -100 padding.
     discriminator_input_ids: [B, N] the input with the sampled tokens at masked positions.
-    generator_logits: [K, V] the generator's logits at `generator_positions`.
-    generator_positions: [K] where those logits are, as indices into the flattened [B * N] positions: every masked
-        position in row-major order first (the first M rows are the M masked positions), then unmasked ones; K is
-        fixed by the shapes (see `sparse_prediction_positions` and config.sparse_mlm_max_fraction).
+    generator_logits: [R, V] the generator's logits at `generator_positions`.
+    generator_positions: [R] where those logits are, as indices into the flattened [B * N] positions: every masked
+        position in row-major order first. Eager: exactly the M masked positions (every position with
+        config.sparse_mlm_logits=False); compiled: a budget fixed by the shapes, then unmasked ones, or the first of
+        the masked ones when they are more (see `prediction_positions` and config.sparse_mlm_max_fraction).
     """
 
     loss: torch.FloatTensor | None = None
@@ -213,12 +215,55 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
     # --- the two networks ----------------------------------------------------------------------------------------
 
-    def generator_logits(self, input_ids, attention_mask, token_type_ids, position_ids, positions):
-        """The generator's vocabulary logits [K, V] at `positions` [K] (indices into the flattened [B * N] positions),
-        in training and evaluation alike, so that evaluation with a 128k vocabulary does not build [B, N, V]."""
+    def generator_predictions(self, input_ids, attention_mask, token_type_ids, position_ids, labels):
+        """The generator's side of one step: (positions [R], logits [R, V] there, summed masked-LM cross-entropy, number
+        of masked positions whose argmax is right, input_ids [B, N] with a sample at every masked position).
+
+        Vocabulary logits are computed at the masked positions only (`prediction_positions`; at every position with
+        config.sparse_mlm_logits=False), in training and evaluation alike, so that a 128k vocabulary never builds
+        [B, N, V]. Compiled, R is a budget fixed by the shapes and masked positions beyond it get their loss,
+        accuracy and sample from a dense pass under torch.cond."""
+        flat_labels, flat_ids = labels.flatten(), input_ids.flatten()  # [B * N]
+        if self.config.sparse_mlm_logits:  # before the generator runs: see DebertaCustomForMaskedLM.forward
+            positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
+        else:
+            positions = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [B * N]
         _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
-        sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
-        return self.generator.lm_predictions.lm_head(sequence_output, self.generator.deberta.embeddings.word_embeddings)
+        lm_head, word_embeddings = self.generator.lm_predictions.lm_head, self.generator.deberta.embeddings.word_embeddings
+        # The head's transform on every position, its decoder on selected rows (see DebertaCustomForMaskedLM).
+        hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
+        logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
+        targets = flat_labels.index_select(0, positions)  # [R]: the masked ids, then -100
+        predicted = targets != -100
+        mlm_sum = cross_entropy_sum(logits, targets)
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == targets) & predicted).sum()
+        # Replacements sampled without gradient, written at the masked positions only.
+        sampled = self.sample_replacements(logits).to(flat_ids.dtype)  # [R]
+        replacements = torch.where(predicted, sampled, flat_ids.index_select(0, positions))
+        sampled_ids = flat_ids.scatter(0, positions, replacements)  # [B * N]
+
+        left_out = left_out_labels(labels, positions) if self.config.sparse_mlm_logits else None
+        if left_out is not None:  # compiled: masked positions beyond the budget, if any, in a dense pass
+            def dense_pass(hidden, left_out, temperature):
+                dense_logits = lm_head.vocabulary_logits(hidden, word_embeddings)  # [B * N, V]
+                with torch.no_grad():
+                    hits = (dense_logits.argmax(-1) == left_out).sum().float()
+                    # float: cond's autograd takes no integer outputs (ids are exact in float32 up to 2**24)
+                    samples = self.sample_replacements(dense_logits, temperature).float()
+                return cross_entropy_sum(dense_logits, left_out), hits, samples
+
+            def nothing_left(hidden, left_out, temperature):
+                zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                return zero, zero.clone(), torch.zeros(left_out.shape, dtype=torch.float32, device=hidden.device)
+
+            temperature = torch.full((), self.config.rtd_sampling_temperature, device=hidden.device)
+            extra_sum, extra_hits, samples = torch.cond(left_out.ne(-100).any(), dense_pass, nothing_left,
+                                                        (hidden, left_out, temperature))
+            mlm_sum = mlm_sum + extra_sum
+            correct = correct + extra_hits.detach().long()
+            sampled_ids = torch.where(left_out != -100, samples.detach().to(flat_ids.dtype), sampled_ids)
+        return positions, logits, mlm_sum, correct, sampled_ids.view_as(input_ids)
 
     def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
         """[B, N] replaced-token logits (> 0: replaced)."""
@@ -226,11 +271,13 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         return self.mask_predictions(outputs.last_hidden_state)
 
     @torch.no_grad()
-    def sample_replacements(self, generator_logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of [M, V] logits, drawn from softmax(logits / rtd_sampling_temperature)."""
+    def sample_replacements(self, generator_logits: torch.Tensor, temperature=None) -> torch.Tensor:
+        """One token per row of [M, V] logits, drawn from softmax(logits / temperature), by default
+        rtd_sampling_temperature (a 0-dim tensor works too: torch.cond branches take no float)."""
         if generator_logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=generator_logits.device)
-        probs = torch.softmax(generator_logits.float() / self.config.rtd_sampling_temperature, dim=-1)
+        temperature = self.config.rtd_sampling_temperature if temperature is None else temperature
+        probs = torch.softmax(generator_logits.float() / temperature, dim=-1)
         return torch.multinomial(probs, 1).squeeze(-1)
 
     @staticmethod
@@ -267,21 +314,11 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         check_labels(labels, input_ids.shape, self.config.vocab_size, "labels")
         masked = labels != -100  # [B, N]: positions the generator predicts
         num_masked = masked.sum()
-        # Shapes fixed by the input's shape, not by how many positions are masked: no host sync, one compiled graph.
-        positions = sparse_prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [K]
-        targets = labels.flatten().index_select(0, positions)  # [K]: the masked ids, then -100
-        predicted = targets != -100  # [K]: rows that hold a masked position
 
-        # 1. Generator: masked-LM loss at masked positions.
-        generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions)
-        mlm_sum = cross_entropy_sum(generator_logits, targets)
+        # 1-2. Generator: masked-LM loss at masked positions, and replacements sampled there (no gradient).
+        positions, generator_logits, mlm_sum, generator_correct, discriminator_input_ids = self.generator_predictions(
+            input_ids, attention_mask, token_type_ids, position_ids, labels)
         mlm_loss = mean_over_items(mlm_sum, num_masked)
-
-        # 2. Replacements sampled from the generator, no gradient, written back at the masked positions only.
-        sampled = self.sample_replacements(generator_logits)  # [K]
-        flat_ids = input_ids.flatten()
-        replacements = torch.where(predicted, sampled.to(input_ids.dtype), flat_ids.index_select(0, positions))
-        discriminator_input_ids = flat_ids.scatter(0, positions, replacements).view_as(input_ids)
         rtd_labels = self.replaced_token_labels(discriminator_input_ids, input_ids, labels, attention_mask)
 
         # 3. Discriminator: binary cross-entropy over non-padding tokens.
@@ -302,8 +339,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
                     + self.config.rtd_loss_weight * rtd_loss * share)
 
         with torch.no_grad():
-            generator_accuracy = (((generator_logits.argmax(-1) == targets) & predicted).sum()
-                                  / num_masked.clamp(min=1))
+            generator_accuracy = generator_correct / num_masked.clamp(min=1)
             discriminator_accuracy = (((logits > 0).long() == rtd_labels) & counted).sum() / num_counted.clamp(min=1)
             replaced_fraction = ((rtd_labels == 1) & masked).sum() / num_masked.clamp(min=1)
 

@@ -252,9 +252,10 @@ def main(argv=None):
     mask_probability = args.mask_probability
     if mask_probability is None:
         mask_probability = config.rtd_mask_probability if args.objective == "rtd" else 0.15
-    # Masked-LM logits are computed at a number of positions fixed by the batch shape (config.sparse_mlm_max_fraction
-    # of its tokens, see sparse_prediction_positions); keep that well above the masking rate.
-    if config.sparse_mlm_max_fraction < min(1.0, mask_probability + 0.1):
+    # Compiled graphs compute masked-LM logits at a number of positions fixed by the batch shape
+    # (config.sparse_mlm_max_fraction of its tokens; batches beyond it are exact but pay a dense pass): keep it above
+    # the masking rate. Eager runs predict at exactly the masked positions and do not read it.
+    if training_args.torch_compile and config.sparse_mlm_max_fraction < min(1.0, mask_probability + 0.1):
         config.sparse_mlm_max_fraction = min(1.0, mask_probability + 0.1)
         logger.info(f"sparse_mlm_max_fraction -> {config.sparse_mlm_max_fraction} (masking {mask_probability})")
     collator = DebertaMaskingCollator.for_objective(

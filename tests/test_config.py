@@ -9,7 +9,12 @@ import torch
 import transformers
 from helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
 
-from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomModel
+from modeling_deberta_custom import (
+    DebertaCustomConfig,
+    DebertaCustomForMaskedLM,
+    DebertaCustomForRTDPreTraining,
+    DebertaCustomModel,
+)
 from modeling_deberta_custom.configuration_deberta_custom import config_dict_from_official
 
 PRESET_DIR = REPO_ROOT / "configuration"
@@ -149,15 +154,15 @@ def test_parameter_count_equals_transformers_deberta_v2(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Validation: every invalid value raises ValueError naming the field
+# Validation: every invalid value raises ValueError naming the field. A value no config can hold (a wrong type, an
+# unknown name, a size or probability out of range) is refused at construction; values that do not fit together are
+# refused when a model is built from them (transformers' convention: a config can be built, edited, then fixed).
 # ----------------------------------------------------------------------------------------------------------------------
 
 _V1 = dict(attention_variant="v1", position_buckets=-1, share_att_key=False, norm_rel_ebd="none")
 
 INVALID = [
-    # (field the message must name, overrides)
-    ("num_attention_heads", dict(hidden_size=768, num_attention_heads=7)),
-    ("attention_head_size", dict(hidden_size=768, num_attention_heads=12, attention_head_size=32)),
+    # (field the message must name, overrides): refused at construction
     ("attention_head_size", dict(attention_head_size=0)),
     ("pos_att_type", dict(pos_att_type=["c2p", "p2x"])),
     ("pos_att_type", dict(pos_att_type="p2c|c2q")),
@@ -188,15 +193,10 @@ INVALID = [
     ("attention_variant", dict(attention_variant="v3")),
     ("position_buckets", dict(position_buckets=1)),
     ("position_buckets", dict(position_buckets=0)),
-    ("position_buckets", dict(max_position_embeddings=64, position_buckets=256)),
     ("max_relative_positions", dict(max_relative_positions=1)),
     ("norm_rel_ebd", dict(norm_rel_ebd="batch_norm")),
     ("conv_kernel_size", dict(conv_kernel_size=-3)),
     ("conv_kernel_size", dict(conv_kernel_size=4)),
-    ("conv_groups", dict(conv_kernel_size=3, conv_groups=5)),
-    ("position_buckets", {**_V1, "position_buckets": 256}),
-    ("share_att_key", {**_V1, "share_att_key": True}),
-    ("norm_rel_ebd", {**_V1, "norm_rel_ebd": "layer_norm"}),
     ("rtd_embedding_sharing", dict(rtd_embedding_sharing="shared")),
     ("rtd_loss_weight", dict(rtd_loss_weight=-1.0)),
     ("rtd_mask_probability", dict(rtd_mask_probability=0.0)),
@@ -206,6 +206,17 @@ INVALID = [
     ("rtd_generator_hidden_size", dict(rtd_generator_hidden_size=-64)),
     ("rtd_generator_intermediate_size", dict(rtd_generator_intermediate_size=0)),
     ("rtd_generator_num_attention_heads", dict(rtd_generator_num_attention_heads=0)),
+]
+
+STRUCTURAL = [
+    # (field the message must name, overrides): accepted at construction, refused when a model is built
+    ("num_attention_heads", dict(hidden_size=768, num_attention_heads=7)),
+    ("attention_head_size", dict(hidden_size=768, num_attention_heads=12, attention_head_size=32)),
+    ("position_buckets", dict(max_position_embeddings=64, position_buckets=256)),
+    ("conv_groups", dict(conv_kernel_size=3, conv_groups=5)),
+    ("position_buckets", {**_V1, "position_buckets": 256}),
+    ("share_att_key", {**_V1, "share_att_key": True}),
+    ("norm_rel_ebd", {**_V1, "norm_rel_ebd": "layer_norm"}),
 ]
 
 _ALL_FIELDS = sorted(DebertaCustomConfig().to_dict(), key=len, reverse=True)
@@ -230,11 +241,39 @@ def test_invalid_value_raises_value_error_naming_the_field(field, overrides):
     assert first_field_named(str(error.value)) == field
 
 
+@pytest.mark.parametrize("field,overrides", STRUCTURAL, ids=[f"{f}-{i}" for i, (f, _) in enumerate(STRUCTURAL)])
+def test_fields_that_do_not_fit_together_are_refused_when_the_model_is_built(field, overrides):
+    config = DebertaCustomConfig(**overrides)  # accepted: a user may still be editing it
+    for build in (DebertaCustomModel, DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining):
+        with torch.device("meta"), pytest.raises(ValueError, match=rf"(?<![A-Za-z0-9_]){field}(?![A-Za-z0-9_])") as error:
+            build(config)
+        assert first_field_named(str(error.value)) == field, build.__name__
+
+
+def test_a_config_can_be_built_edited_and_then_fixed():
+    """transformers' ConfigTester builds DebertaV2Config(hidden_size=37) with 12 heads; so can we, and once the
+    fields fit together the model builds."""
+    config = DebertaCustomConfig(hidden_size=37)
+    with torch.device("meta"), pytest.raises(ValueError, match="num_attention_heads.*hidden_size=37"):
+        DebertaCustomModel(config)
+    config.hidden_size = 48
+    with torch.device("meta"):
+        assert DebertaCustomModel(config).config.head_size == 4
+    # the same with the generator of RTD pretraining: its own sizes are checked when it is built
+    config.rtd_generator_num_attention_heads = 5
+    with torch.device("meta"), pytest.raises(ValueError, match="num_attention_heads.*hidden_size=48"):
+        DebertaCustomForRTDPreTraining(config)
+
+
 def test_invalid_value_in_a_preset_file_is_reported(tmp_path):
     raw = json.loads((PRESET_DIR / "tiny.json").read_text())
     raw["num_attention_heads"] = 3  # 64 is not divisible by 3
     raw["attention_head_size"] = None
+    config = DebertaCustomConfig.from_dict(raw)
     with pytest.raises(ValueError, match="num_attention_heads"):
+        DebertaCustomModel(config)
+    raw["hidden_dropout_prob"] = 1.5  # a value no config can hold: refused on reading
+    with pytest.raises(ValueError, match="hidden_dropout_prob"):
         DebertaCustomConfig.from_dict(raw)
 
 

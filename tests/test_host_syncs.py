@@ -1,4 +1,4 @@
-"""No host read of device data in the forward pass and the training step of any head.
+"""No host read of device data in the forward pass and the training step of any head, but one documented read.
 
 A read of an accelerator tensor on the host (`.item()`, `int()`, `bool()`, boolean indexing, `nonzero`) waits for the
 device to finish: one stall of its stream per read, every step. Two complementary checks:
@@ -6,8 +6,12 @@ device to finish: one stall of its stream per read, every step. Two complementar
   * the meta device: tensors without data, so any read of their values raises. Models and inputs are built on
     `torch.device("meta")` and run an inference forward and a training step (forward, loss, backward).
   * a dispatch mode on CPU that records every operation that reads values on the host, with where it came from.
-    On CPU the input checks (id ranges, label values, mask values, the sparse masked-LM budget) do read, as they
-    are free there; nothing else may.
+    On CPU the input checks (id ranges, label values, mask values) do read, as they are free there; nothing else may.
+
+The one read by design: a masked-LM training step in eager mode (DebertaCustomForMaskedLM, and the generator of
+DebertaCustomForRTDPreTraining) selects the labelled positions with `nonzero` (losses.prediction_positions), so
+that the vocabulary projection runs on exactly those rows and no batch exceeds a budget: one read per step, as in
+ModernBERT. sparse_mlm_logits=False (dense logits) reads nothing; compiled graphs keep a fixed budget instead.
 """
 
 import traceback
@@ -35,8 +39,8 @@ HOST_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.m
 BOOLEAN_INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 # Reads that are free by design: value checks of inputs on CPU tensors (skipped for accelerator tensors), and the
 # relative-position bookkeeping, which reads a table it builds on the host (on accelerators it rebuilds it on CPU).
-ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "check_prediction_budget",
-           "relative_positions"}
+ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "relative_positions"}
+SELECTION = "prediction_positions"  # the one read by design (see above)
 
 BATCH, LENGTH, CHOICES = 2, 10, 3  # 10 tokens > position_buckets / 2: the bucketed relative-position path too
 
@@ -58,8 +62,18 @@ class HostReadRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def outside_checks(self):
+        """Reads outside the input checks and the one masked-LM selection read."""
         return [(name, sorted(callers & {"forward", "backward"})) for name, callers in self.reads
-                if not callers & ALLOWED]
+                if not callers & (ALLOWED | {SELECTION})]
+
+    def selection_reads(self):
+        return [name for name, callers in self.reads if SELECTION in callers]
+
+
+def selects_labelled_positions(head, train, config):
+    """Whether a step of `head` makes the one documented read: an eager masked-LM or RTD training step with sparse
+    logits (RTD's generator selects in evaluation too, when given labels; these inference steps have none)."""
+    return config.sparse_mlm_logits and train and head in (DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining)
 
 
 def head_batch(head, config, device, train):
@@ -127,9 +141,14 @@ def test_no_host_read_on_the_meta_device(head, overrides, train, attn):
     inputs = head_batch(head, model.config, "meta", train)
     if head is DebertaCustomForRTDPreTraining and not train:
         inputs.pop("labels", None)
-    output = step(model, inputs, train)  # raises "cannot be called on meta tensors" at any read
+    # Any read raises "cannot be called on meta tensors", but the selection's nonzero, which the meta device answers
+    # with a made-up size (every position) when asked to: the recorder counts it.
+    with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True), HostReadRecorder() as recorder:
+        output = step(model, inputs, train)
     assert all(value.device.type == "meta" for value in output.values() if isinstance(value, torch.Tensor))
     assert (output.loss is not None) == train
+    expected = ["aten.nonzero.default"] if selects_labelled_positions(head, train, model.config) else []
+    assert [name for name, _ in recorder.reads] == expected
 
 
 def test_no_host_read_in_the_base_model_on_the_meta_device():
@@ -148,18 +167,27 @@ def test_host_reads_on_cpu_come_only_from_input_checks(head, overrides, train):
     with HostReadRecorder() as recorder:
         step(model, inputs, train)
     assert recorder.outside_checks() == []
+    assert len(recorder.selection_reads()) == selects_labelled_positions(head, train, model.config)
     assert any(callers & {"_check_integer_ids"} for _, callers in recorder.reads)  # the recorder works
 
 
-def test_sparse_budget_overflow_is_a_clear_error_on_cpu():
+@pytest.mark.parametrize("head", [DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining],
+                         ids=lambda head: head.__name__)
+def test_dense_logits_read_nothing_on_the_meta_device(head):
+    """sparse_mlm_logits=False: the switch for a run that must never wait for its accelerator (it pays the dense
+    vocabulary projection instead)."""
+    model = build(head, "meta", "sdpa", sparse_mlm_logits=False)
+    inputs = head_batch(head, model.config, "meta", True)
+    step(model, inputs, True)  # raises at any read
+
+
+def test_every_token_labelled_trains_on_cpu():
+    """No budget to exceed: a batch labelled at every position, padding included, is a legal batch."""
     model = build(DebertaCustomForMaskedLM, "cpu", "sdpa", hidden_dropout_prob=0.0)
     inputs = head_batch(DebertaCustomForMaskedLM, model.config, "cpu", True)
-    inputs["labels"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100)  # 15 of 20 labelled
-    model.train()
-    with pytest.raises(ValueError, match=r"15 labelled positions, more than 5 .*sparse_mlm_max_fraction"):
-        model(**inputs)
-    model.config.sparse_mlm_max_fraction = 1.0  # the remedy the message names
-    assert model(**inputs).logits.shape == (BATCH * LENGTH, model.config.vocab_size)
+    inputs["labels"] = inputs["input_ids"].clone()
+    output = step(model, inputs, True)
+    assert output.logits.shape == (BATCH * LENGTH, model.config.vocab_size)
 
 
 def test_loss_terms_are_logged_without_a_host_read_per_step():
