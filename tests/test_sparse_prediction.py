@@ -8,7 +8,7 @@ Compiled training steps (the fixed-budget path with its exact overflow) are in t
 import pytest
 import torch
 import transformers
-from conftest import perturb_parameters, tiny_config
+from helpers import perturb_parameters, tiny_config
 from tokenizers import Tokenizer, models
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
