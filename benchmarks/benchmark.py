@@ -3,9 +3,12 @@
 Every model has the DeBERTa-v3-base geometry (hidden 768, 12 layers, 12 heads, intermediate 3072; DeBERTa with 256
 position buckets and max_position 512), the same reduced vocabulary and each library's default dropout (0.1 for all
 of them, except `ours-flex`: FlexAttention has no attention dropout, so that model has none; pass `--dropout 0` to
-compare training steps like for like). Measured in one process, alternating between models inside every repeat (the starting model rotates),
-so that machine noise hits all models alike:
+compare training steps like for like). Measured in one process, alternating between models inside every repeat (the
+starting model rotates), so that machine noise hits all models alike; reported are medians over the repeats.
 
+Two suites (--suite, default shapes):
+
+shapes: full rectangles (every token real) at a few batch x length shapes.
 - forward: latency of one forward pass in `torch.inference_mode()` (model.eval()).
 - train: one training step in model.train(): forward, loss = mean(last_hidden_state ** 2), backward, optimizer
   step (plain SGD by default so that the optimizer, identical for all models, does not dilute the ratios;
@@ -19,37 +22,57 @@ so that machine noise hits all models alike:
   delta counts activations, gradients and kernel workspaces; parameters and optimizer state that exist before
   the call are not part of it.
 
-Reported: the median over the repeats of each time, the peak memory, and ratios ours / BERT and
-ours / transformers-DeBERTa. Writes benchmark.json and benchmark.png into --out.
+real: batches with the length distributions of GLUE training data (lengths from the official DeBERTa-v3 tokenizer,
+  benchmarks/data): SST-2 sentences at batch 32 and RTE pairs at batch 8. Each measured call runs --real-batches
+  batches (training steps, or forward passes); reported are real tokens per second and examples per second, for
+  - orders: `random` (a shuffled epoch, what a DataLoader gives), `grouped` (the Trainer's group_by_length: sorted
+    by length within mega-batches of 50 batches), `fixed` (full rectangles holding the same number of tokens, every
+    one real: ModernBERT's reference; variable over fixed is its "padding costs nothing" measure);
+  - variants: ours padded, ours unpadded (config.unpad_inputs, issue 20), ours packed (batches as transformers'
+    DataCollatorWithFlattening packs them: input_ids [1, T], position_ids restarting at 0), transformers' DebertaV2
+    padded and BERT with SDPA padded (on CUDA also our flex_attention padded, and disentangled-flash padded and
+    packed when given). Variants this checkout cannot run are recorded as skipped with the reason.
 
-    python scripts/benchmark.py                       # CPU, 2 threads, 2 repeats (~15 min on 2 quiet cores)
-    python scripts/benchmark.py --threads 1 --clock cpu   # CPU time: robust when other processes share the cores
-    python scripts/benchmark.py --device cuda --dtype bfloat16 --dropout 0
+Writes benchmark.json (with the machine: CPU model or GPU, torch, transformers, triton) and benchmark.png into --out.
+
+    python benchmarks/benchmark.py                       # CPU, 2 threads, 2 repeats (~15 min on 2 quiet cores)
+    python benchmarks/benchmark.py --threads 1 --clock cpu   # CPU time: robust when other processes share the cores
+    python benchmarks/benchmark.py --suite real --real-batches 4   # SST-2 b32 and RTE b8, v3-base (CPU: long)
+    python benchmarks/benchmark.py --suite shapes,real --quick     # tiny sizes, seconds: checks that it runs
+    python benchmarks/benchmark.py --device cuda --dtype bfloat16 --dropout 0
 
 `ours-flex` compiles FlexAttention once per shape during the warm-up, and has no training step on CPU (torch has no
 FlexAttention backward there): its train rows read "not supported".
 """
 
 import argparse
-import gc
+import contextlib
+import functools
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-MMAP_THRESHOLD = "65536"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness
 
-MODELS = {
-    "ours": "our DebertaCustomModel, default attention (sdpa)",
-    "ours-eager": "our DebertaCustomModel, attn_implementation='eager'",
-    "ours-flex": "our DebertaCustomModel, attn_implementation='flex_attention', attention dropout 0 (FlexAttention "
-                 "has none; it trains on CUDA only)",
-    "hf-deberta": "transformers.DebertaV2Model",
-    "bert": "transformers.BertModel, attn_implementation='sdpa'",
+import harness  # noqa: E402
+
+MMAP_THRESHOLD = "65536"
+MODELS = {name: harness.MODELS[name] for name in ("ours", "ours-eager", "ours-flex", "hf-deberta", "bert")}
+
+# Variants of the real-length suite: name -> (model, layout).
+REAL_VARIANTS = {
+    "ours-padded": ("ours", "padded"),
+    "ours-unpadded": ("ours", "unpadded"),
+    "ours-packed": ("ours", "packed"),
+    "ours-flex-padded": ("ours-flex", "padded"),
+    "hf-deberta-padded": ("hf-deberta", "padded"),
+    "bert-padded": ("bert", "padded"),
+    "disentangled-flash-padded": ("disentangled-flash", "padded"),
+    "disentangled-flash-packed": ("disentangled-flash", "packed"),
 }
+ORDERS = ("random", "grouped", "fixed")
 
 
 def parse_shapes(text):
@@ -63,8 +86,22 @@ def parse_shapes(text):
     return shapes
 
 
+def comma_list(text):
+    return [item.strip() for item in text.split(",") if item.strip()] if text else []
+
+
+def default_real_variants(device, flash_given):
+    names = ["ours-padded", "ours-unpadded", "ours-packed", "hf-deberta-padded", "bert-padded"]
+    if device == "cuda":
+        names.insert(3, "ours-flex-padded")
+    if flash_given:
+        names += ["disentangled-flash-padded", "disentangled-flash-packed"]
+    return names
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", default="shapes", help="comma list of shapes, real")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameters and activations (CUDA half precision: parameters stay fp32 under autocast)")
@@ -75,9 +112,18 @@ def parse_args(argv=None):
                              "counts the time threads spin while waiting for each other)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per model and shape")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model and shape")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny geometry and sizes, one repeat: checks that the suites run (seconds)")
     parser.add_argument("--forward-shapes", default=None, help="BxN list; default CPU 8x128,2x512,1x2048")
     parser.add_argument("--train-shapes", default=None, help="BxN list; default CPU 8x128,4x512,1x2048")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"shapes suite: comma list of {list(MODELS)}")
+    parser.add_argument("--real-batches", type=int, default=None,
+                        help="real suite: batches per measured call (default 8 on CUDA, 4 on CPU, 2 with --quick)")
+    parser.add_argument("--datasets", default="sst2,rte", help=f"real suite: comma list of {list(harness.REAL_DATASETS)}")
+    parser.add_argument("--orders", default=",".join(ORDERS), help=f"real suite: comma list of {list(ORDERS)}")
+    parser.add_argument("--modes", default="train,forward", help="real suite: train, forward or both")
+    parser.add_argument("--variants", default=None, help=f"real suite: comma list of {list(REAL_VARIANTS)}")
+    parser.add_argument("--disentangled-flash", default=None, help="wheel or folder of disentangled-flash (real suite)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="same for every model (memory)")
     parser.add_argument("--layers", type=int, default=12, help="encoder depth (12 for the v3-base geometry)")
     parser.add_argument("--config", default=None, help="measure `ours` with the geometry of this checkpoint folder or "
@@ -90,115 +136,85 @@ def parse_args(argv=None):
     parser.add_argument("--memory-json", default=None, help=argparse.SUPPRESS)  # internal: the memory pass
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
+    args.suite = comma_list(args.suite)
+    if set(args.suite) - {"shapes", "real"}:
+        parser.error(f"--suite takes shapes and/or real, got {args.suite}")
     if args.forward_shapes is None:
-        args.forward_shapes = "8x128,2x512,1x2048" + (",1x4096,1x8192,1x16384" if gpu else "")
+        args.forward_shapes = ("2x32,1x64" if args.quick else
+                               "8x128,2x512,1x2048" + (",1x4096,1x8192,1x16384" if gpu else ""))
     if args.train_shapes is None:
-        args.train_shapes = "8x128,4x512,1x2048" + (",1x4096,1x8192,1x16384" if gpu else "")
+        args.train_shapes = ("2x32,1x64" if args.quick else
+                             "8x128,4x512,1x2048" + (",1x4096,1x8192,1x16384" if gpu else ""))
+    if args.real_batches is None:
+        args.real_batches = 2 if args.quick else (8 if gpu else 4)
+    if args.quick:
+        args.repeats = 1
+        args.layers = harness.TINY["num_hidden_layers"]
     args.forward_shapes = parse_shapes(args.forward_shapes)
     args.train_shapes = parse_shapes(args.train_shapes)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = comma_list(args.models)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
     if args.config is not None and args.models != ["ours"]:
         parser.error("--config measures one of our checkpoints' geometry: pass --models ours")
+    args.datasets, args.orders, args.modes = map(comma_list, (args.datasets, args.orders, args.modes))
+    args.variants = (comma_list(args.variants) if args.variants
+                     else default_real_variants(args.device, args.disentangled_flash is not None))
+    unknown = [v for v in args.variants if v not in REAL_VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(REAL_VARIANTS)}")
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory of a block above the memory in use when it starts, in bytes."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak = None
-
-    def __enter__(self):
-        import torch
-
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # resets VmHWM to the current VmRSS
-            self.start = _proc_status_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.peak = _proc_status_kib("VmHWM") * 1024 - self.start
-        return False
+def geometry(args):
+    base = harness.TINY if args.quick else harness.V3_BASE
+    return dict(base, num_hidden_layers=args.layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------------
-
-GEOMETRY = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-
-
-def build_model(name, args, max_length):
-    import transformers
-
-    import modeling_deberta_custom  # noqa: F401
-    from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomModel
-
-    dropout = {} if args.dropout is None else dict(hidden_dropout_prob=args.dropout,
-                                                  attention_probs_dropout_prob=args.dropout)
-    geometry = dict(GEOMETRY, num_hidden_layers=args.layers)
-    deberta_fields = dict(geometry, vocab_size=args.vocab_size, max_position_embeddings=512, position_buckets=256,
-                          relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
-                          norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0, **dropout)
-    if name == "ours" and args.config is not None:
-        model = DebertaCustomModel(DebertaCustomConfig.from_pretrained(args.config, vocab_size=args.vocab_size, **dropout))
-    elif name == "ours":
-        model = DebertaCustomModel(DebertaCustomConfig(**deberta_fields))
-    elif name == "ours-eager":
-        model = DebertaCustomModel._from_config(DebertaCustomConfig(**deberta_fields), attn_implementation="eager")
-    elif name == "ours-flex":
-        config = DebertaCustomConfig(**dict(deberta_fields, attention_probs_dropout_prob=0.0))
-        model = DebertaCustomModel._from_config(config, attn_implementation="flex_attention")
-    elif name == "hf-deberta":
-        model = transformers.DebertaV2Model(transformers.DebertaV2Config(**deberta_fields))
-    elif name == "bert":
-        config = transformers.BertConfig(**geometry, vocab_size=args.vocab_size,
-                                         max_position_embeddings=max(512, max_length), **dropout)
-        model = transformers.BertModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
-    else:
-        raise ValueError(name)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Measurement
+# Calls
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def synchronize(device):
+def autocast_context(device, dtype_name, pure):
+    """Half precision on CUDA: autocast over fp32 parameters, unless the parameters are already in that dtype (pure)."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device == "cuda" and dtype_name != "float32" and not pure:
+        return torch.autocast("cuda", dtype=getattr(torch, dtype_name))
+    return contextlib.nullcontext()
+
+
+def forward_call(model, inputs, args):
+    import torch
+
+    model.eval()
+    with torch.inference_mode(), autocast_context(args.device, args.dtype, getattr(args, "pure_dtype", False)):
+        model(**inputs)
+
+
+def train_call(model, optimizer, inputs, args):
+    model.train()
+    with autocast_context(args.device, args.dtype, getattr(args, "pure_dtype", False)):
+        hidden = model(**inputs).last_hidden_state
+        loss = hidden.float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_optimizer(model, args):
+    import torch
+
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return torch.optim.SGD(model.parameters(), lr=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Suite "shapes": full rectangles
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def make_inputs(batch, length, args, seed):
@@ -207,103 +223,39 @@ def make_inputs(batch, length, args, seed):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, args.vocab_size, (batch, length), generator=generator)
     attention_mask = torch.ones(batch, length, dtype=torch.long)  # what a tokenizer returns
-    return input_ids.to(args.device), attention_mask.to(args.device)
-
-
-def autocast_context(args):
-    import contextlib
-
-    import torch
-
-    if args.device == "cuda" and args.dtype != "float32":
-        return torch.autocast("cuda", dtype=getattr(torch, args.dtype))
-    return contextlib.nullcontext()
-
-
-def forward_call(model, inputs, args):
-    import torch
-
-    model.eval()
-    with torch.inference_mode(), autocast_context(args):
-        model(input_ids=inputs[0], attention_mask=inputs[1])
-
-
-def train_call(model, optimizer, inputs, args):
-    model.train()
-    with autocast_context(args):
-        hidden = model(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state
-        loss = hidden.float().pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure(call, device, with_memory, clock="wall"):
-    """(seconds, peak bytes or None) of one call."""
-    if with_memory:
-        with PeakMemory(device) as memory:
-            call()
-        return None, memory.peak
-    now = time.process_time if clock == "cpu" and device == "cpu" else time.perf_counter
-    synchronize(device)
-    start = now()
-    call()
-    synchronize(device)
-    return now() - start, None
-
-
-def is_oom(error):
-    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+    return dict(input_ids=input_ids.to(args.device), attention_mask=attention_mask.to(args.device))
 
 
 def run_mode(mode, shapes, models, optimizers, args, results):
     """Times (args.memory_json unset) or peak memory (set) of every model at every shape, appended to results."""
-    names = list(models)
     measuring_memory = args.memory_json is not None
-    repeats = 1 if measuring_memory else args.repeats
     for batch, length in shapes:
         inputs = make_inputs(batch, length, args, seed=length)
-        samples = {name: {"values": [], "error": None} for name in names}
 
         def call_for(name, inputs=inputs):
             if mode == "forward":
                 return lambda: forward_call(models[name], inputs, args)
             return lambda: train_call(models[name], optimizers[name], inputs, args)
 
-        for name in names:  # warm-up: allocator, oneDNN primitives, lazy initialisation
-            try:
-                for _ in range(args.warmup):
-                    call_for(name)()
-            except NotImplementedError as error:  # flex_attention training on CPU
-                samples[name]["error"] = "not supported"
-                print(f"  {mode:7s} {batch:2d}x{length:<6d} {name:11s} not supported: {error}", flush=True)
-                continue
-            except (RuntimeError, MemoryError) as error:
-                if not is_oom(error):
-                    raise
-                samples[name]["error"] = "out of memory"
-                optimizers[name].zero_grad(set_to_none=True)
-                if args.device == "cuda":
-                    import torch
-
-                    torch.cuda.empty_cache()
-        for repeat in range(repeats):
-            order = names[repeat % len(names):] + names[:repeat % len(names)]
-            for name in order:
-                if samples[name]["error"]:
-                    continue
-                seconds, peak = measure(call_for(name), args.device, measuring_memory, args.clock)
-                samples[name]["values"].append(peak if measuring_memory else seconds)
-        for name in names:
-            entry = samples[name]
+        calls = {name: call_for(name) for name in models}
+        if measuring_memory:  # one model per child process: one warm-up call, then the measured one
+            samples = harness.alternate(calls, 0, args.device, warmup=args.warmup)
+            for name, entry in samples.items():
+                if entry["error"] is None:
+                    with harness.PeakMemory(args.device) as memory:
+                        calls[name]()
+                    entry["peak_bytes"] = memory.peak
+        else:
+            samples = harness.alternate(calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock,
+                                        on_failure=lambda name: optimizers[name].zero_grad(set_to_none=True))
+        for name, entry in samples.items():
             record = dict(mode=mode, model=name, batch=batch, length=length, error=entry["error"])
             if measuring_memory:
-                record["peak_bytes"] = max(entry["values"]) if entry["values"] else None
-                shown = entry["error"] if entry["error"] else f"{record['peak_bytes'] / 2**20:9.1f} MiB"
+                record["peak_bytes"] = entry.get("peak_bytes")
+                shown = entry["error"] or f"{record['peak_bytes'] / 2**20:9.1f} MiB"
             else:
-                record["times_s"] = entry["values"]
-                record["median_s"] = statistics.median(entry["values"]) if entry["values"] else None
-                shown = entry["error"] if entry["error"] else f"{record['median_s'] * 1000:9.1f} ms"
+                record.update(times_s=entry["times_s"], median_s=entry["median_s"])
+                shown = entry["error"] or f"{record['median_s'] * 1000:9.1f} ms"
             results.append(record)
             print(f"  {mode:7s} {batch:2d}x{length:<6d} {name:11s} {shown}", flush=True)
 
@@ -353,38 +305,6 @@ def print_table(rows):
               f"{fmt(row['memory_vs_bert']):>10s}{fmt(row['memory_vs_hf-deberta']):>8s}")
 
 
-def plot(results, models, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(dict.fromkeys(r["mode"] for r in results))
-    panels = [(mode, "median_s", "time (s)") for mode in modes] + [("train", "peak_bytes", "peak memory (GiB)")]
-    panels = [p for p in panels if any(r["mode"] == p[0] for r in results)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for axis, (mode, key, label) in zip(axes[0], panels, strict=True):
-        shapes = list(dict.fromkeys((r["batch"], r["length"]) for r in results if r["mode"] == mode))
-        width = 0.8 / len(models)
-        for k, name in enumerate(models):
-            values = []
-            for shape in shapes:
-                match = [r for r in results if r["mode"] == mode and r["model"] == name
-                         and (r["batch"], r["length"]) == shape and not r.get("error")]
-                value = match[0].get(key) if match else None
-                value = float("nan") if value is None else value
-                values.append(value / 2**30 if key == "peak_bytes" else value)
-            axis.bar([i + k * width for i in range(len(shapes))], values, width, label=name)
-        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [f"{b}x{n}" for b, n in shapes])
-        axis.set_yscale("log")
-        axis.set_title(f"{mode}: {label}")
-        axis.grid(axis="y", alpha=0.3)
-    axes[0][0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def memory_pass(args):
     """Runs this script again as a child per mode, shape and model, with a fixed mmap threshold and --memory-json;
     returns their records. Each child holds one model, and one the system kills (out of memory) costs only its own
@@ -401,8 +321,9 @@ def memory_pass(args):
         for name in args.models:
             with tempfile.TemporaryDirectory() as folder:
                 target = Path(folder) / "memory.json"
-                command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--warmup", "1",
-                           "--models", name, "--forward-shapes", shape if mode == "forward" else "",
+                command = [sys.executable, str(Path(__file__).resolve()), *(args.argv or []), "--suite", "shapes",
+                           "--warmup", "1", "--models", name,
+                           "--forward-shapes", shape if mode == "forward" else "",
                            "--train-shapes", shape if mode == "train" else "", "--memory-json", str(target)]
                 result = subprocess.run(command, env=env)
                 if result.returncode == 0:
@@ -414,83 +335,329 @@ def memory_pass(args):
     return records
 
 
+def run_shapes(args):
+    """The shapes suite: results (times, then peak memory from the child processes) and ratio rows."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.device == "cpu" and dtype != torch.float32:
+        torch.set_default_dtype(dtype)  # CPU: parameters and activations in that dtype
+    max_length = max(n for _, n in args.forward_shapes + args.train_shapes)
+    models, optimizers = {}, {}
+    for name in args.models:
+        torch.manual_seed(0)
+        models[name] = harness.build_model(name, geometry(args), args.vocab_size, args.dropout, max_length,
+                                           config_path=args.config).to(args.device)
+        optimizers[name] = make_optimizer(models[name], args)
+    torch.set_default_dtype(torch.float32)
+    results = []
+    run_mode("forward", args.forward_shapes, models, optimizers, args, results)
+    run_mode("train", args.train_shapes, models, optimizers, args, results)
+    if args.memory_json is not None:
+        Path(args.memory_json).write_text(json.dumps(results))
+        return results, []
+    del models, optimizers
+    harness.free_memory(args.device)
+    if not args.no_memory:
+        merge_memory(results, memory_pass(args))
+    rows = ratio_table(results, args.models)
+    print_table(rows)
+    return results, rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Suite "real": GLUE length distributions, padded, unpadded and packed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def real_batches(dataset, order, count, seed=0):
+    lengths = harness.load_lengths(dataset)
+    batch_size = harness.REAL_DATASETS[dataset][1]
+    randomly = harness.random_batches(lengths, batch_size, count, seed)
+    if order == "random":
+        return randomly
+    if order == "grouped":
+        return harness.length_grouped_batches(lengths, batch_size, count, seed)
+    if order == "fixed":
+        return harness.fixed_batches(randomly)
+    raise ValueError(f"unknown order {order!r}")
+
+
+def skip_reason(variant, args, flash):
+    """Why this checkout or machine cannot run a variant, or None."""
+    model, layout = REAL_VARIANTS[variant]
+    if model.startswith("ours") and layout in ("unpadded", "packed") and not harness.unpadding_supported():
+        return "this checkout's DebertaCustomConfig has no unpad_inputs (issue 20 not merged)"
+    if model == "ours-flex" and args.device == "cpu":
+        return "no FlexAttention backward on CPU, and a compilation per shape"
+    if model == "disentangled-flash" and flash is None:
+        return "disentangled-flash not importable (pass --disentangled-flash WHEEL)"
+    return None
+
+
+class RealVariant:
+    """One model and one layout of the real suite, with what a measured call needs: the model (on its device and
+    dtype), its optimizer, and the inputs of each batch."""
+
+    def __init__(self, variant, args, mode, flash, widths):
+        import torch
+
+        self.variant, self.mode, self.args = variant, mode, args
+        self.model_name, self.layout = REAL_VARIANTS[variant]
+        training = mode == "train"
+        unpad = None  # packed: the config's default
+        if self.model_name.startswith("ours") and self.layout != "packed" and harness.unpadding_supported():
+            unpad = self.layout == "unpadded"  # padded: the switch off, whatever the default
+        torch.manual_seed(0)
+        model = harness.build_model(self.model_name, geometry(args), args.vocab_size, args.dropout,
+                                    unpad_inputs=unpad)
+        dtype = getattr(torch, args.dtype)
+        pure = getattr(args, "pure_dtype", False) or args.device == "cpu"
+        self.model = model.to(args.device, dtype if pure else torch.float32)
+        self.model.train(training)
+        self.backend = None
+        if self.model_name == "disentangled-flash":
+            self.backend = harness.optimize_disentangled_flash(flash, self.model, training, widths)
+        self.optimizer = make_optimizer(self.model, args) if training else None
+        self.flash_kwargs = self.layout == "packed" and (
+            self.model_name == "disentangled-flash" or harness.accepts(self.model.forward, "cu_seq_lens_q"))
+
+    def inputs(self, lengths, generator):
+        if self.layout == "packed":
+            return harness.packed_inputs(lengths, self.args.vocab_size, self.args.device, generator,
+                                         flash_kwargs=self.flash_kwargs)
+        return harness.padded_inputs(lengths, self.args.vocab_size, self.args.device, generator)
+
+    def hidden_states(self, inputs):
+        if self.model_name != "disentangled-flash":
+            return self.model(**inputs).last_hidden_state
+        encoder = self.model.encoder
+        if self.layout == "packed":  # its own entry for packed tokens: [T, C] and cumulative sequence lengths
+            tokens = self.model.embeddings(input_ids=inputs["input_ids"])[0]
+            return encoder.forward_packed(tokens, inputs["cu_seq_lens_q"], int(inputs["max_length_q"]),
+                                          output_hidden_states=False).last_hidden_state
+        if encoder.inference:
+            encoder.activate_shape(inputs["input_ids"].shape[1])
+        return self.model(**inputs).last_hidden_state
+
+    def call(self, batches_inputs):
+        """One measured call: a training step or a forward pass on every batch."""
+        import torch
+
+        args = self.args
+        pure = getattr(args, "pure_dtype", False)
+        for inputs in batches_inputs:
+            if self.mode == "forward":
+                with torch.inference_mode(), autocast_context(args.device, args.dtype, pure):
+                    self.hidden_states(inputs)
+                continue
+            with autocast_context(args.device, args.dtype, pure):
+                loss = self.hidden_states(inputs).float().pow(2).mean()
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def witnessed(call, record):
+    """call, with FlexAttention's fallback to its unfused path recorded into record (see harness.flex_witness)."""
+
+    def run():
+        with harness.flex_witness() as seen:
+            call()
+        record["compiled_graphs"] = record.get("compiled_graphs", 0) + seen["compiled_graphs"]
+        if seen["unfused"]:
+            record["unfused_reasons"] = sorted(set(record.get("unfused_reasons", [])) | set(seen["reasons"]))
+
+    return run
+
+
+def run_real(args, add, deadline=None, flash=None):
+    """The real suite; every result goes through add(entry) as it comes (gpu_check writes it at once). Past
+    `deadline` (time.time()), what is left is recorded as skipped."""
+    import torch
+
+    for dataset in args.datasets:
+        batch_size = harness.REAL_DATASETS[dataset][1]
+        orders = {order: real_batches(dataset, order, args.real_batches) for order in args.orders}
+        widths = sorted({max(batch) for batches in orders.values() for batch in batches})
+        for mode in args.modes:
+            case = dict(section="real", dataset=dataset, batch_size=batch_size, mode=mode)
+            runnable = {}
+            for variant in args.variants:
+                reason = skip_reason(variant, args, flash)
+                if reason is None and deadline is not None and time.time() > deadline:
+                    reason = "time budget"
+                if reason is not None:
+                    for order in orders:
+                        add(dict(case, order=order, model=variant, status="skipped", error=reason))
+                    continue
+                try:
+                    runnable[variant] = RealVariant(variant, args, mode, flash, widths)
+                except Exception as error:  # noqa: BLE001 - a variant that cannot be built is a result
+                    for order in orders:
+                        add(dict(case, order=order, model=variant, status="error",
+                                 error=f"{type(error).__name__}: {str(error)[:300]}"))
+            for order, batches in orders.items():
+                stats = harness.batch_stats(batches)
+                if deadline is not None and time.time() > deadline:
+                    for variant in runnable:
+                        add(dict(case, order=order, model=variant, status="skipped", error="time budget"))
+                    continue
+                generator = torch.Generator().manual_seed(1)
+                records, calls = {}, {}
+                for variant, runner in runnable.items():
+                    batches_inputs = [runner.inputs(lengths, generator) for lengths in batches]
+                    records[variant] = {}
+                    calls[variant] = witnessed(functools.partial(runner.call, batches_inputs), records[variant])
+                samples = harness.alternate(
+                    calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock,
+                    on_failure=functools.partial(release_gradients, {n: r.model for n, r in runnable.items()}))
+                for variant, entry in samples.items():
+                    add(real_entry(dict(case, order=order, model=variant, **stats), entry, records[variant],
+                                   runnable[variant]))
+            del runnable
+            harness.free_memory(args.device)
+
+
+def release_gradients(models, name):
+    """After a failed call (out of memory mid-step): what the step left in .grad goes."""
+    models[name].zero_grad(set_to_none=True)
+
+
+def real_entry(case, sample, seen, runner):
+    entry = dict(case, attention=getattr(runner.model.config, "_attn_implementation", None),
+                 status="ok" if sample["error"] is None else ("oom" if sample["error"] == "out of memory" else "error"),
+                 error=sample["error"], times_s=sample["times_s"], median_s=sample["median_s"], **seen)
+    if runner.backend is not None:
+        entry["backend"] = runner.backend
+        entry["fused"] = runner.backend == "triton"
+    if runner.model_name == "ours-flex":
+        entry["fused"] = not seen.get("unfused_reasons")
+    if sample["median_s"]:
+        entry["tokens_per_s"] = round(case["real_tokens"] / sample["median_s"], 1)
+        entry["examples_per_s"] = round(case["examples"] / sample["median_s"], 2)
+    if "traceback" in sample:
+        entry["traceback"] = sample["traceback"]
+    return entry
+
+
+def print_real(entries):
+    rows = [e for e in entries if e.get("section") == "real"]
+    if not rows:
+        return
+    print("\nreal lengths: real tokens/s (examples/s); variable over fixed-length throughput in brackets")
+    fixed = {(e["dataset"], e["mode"], e["model"]): e.get("tokens_per_s") for e in rows if e["order"] == "fixed"}
+    for e in rows:
+        if e["status"] != "ok":
+            shown = f"{e['status']}: {e.get('error')}"
+        else:
+            reference = fixed.get((e["dataset"], e["mode"], e["model"]))
+            ratio = f" [{e['tokens_per_s'] / reference:.2f}]" if reference and e["order"] != "fixed" else ""
+            shown = f"{e['tokens_per_s']:10.1f} ({e['examples_per_s']:.1f}){ratio}"
+        print(f"  {e['dataset']:5s} b{e['batch_size']:<3d} {e['mode']:8s} {e['order']:8s} {e['model']:26s} {shown}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def plot(results, models, path, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes_rows = [r for r in results if r.get("section", "shapes") == "shapes"]
+    real_rows = [r for r in results if r.get("section") == "real" and r.get("tokens_per_s")]
+    modes = list(dict.fromkeys(r["mode"] for r in shapes_rows))
+    panels = [("shapes", mode, "median_s", "time (s)") for mode in modes]
+    panels += [("shapes", "train", "peak_bytes", "peak memory (GiB)")] if any(
+        r.get("peak_bytes") for r in shapes_rows) else []
+    panels += [("real", mode, "tokens_per_s", "real tokens / s") for mode in
+               dict.fromkeys(r["mode"] for r in real_rows)]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
+    for axis, (suite, mode, key, label) in zip(axes[0], panels, strict=True):
+        if suite == "shapes":
+            bar_panel(axis, [r for r in shapes_rows if r["mode"] == mode], models, key,
+                      lambda r: f"{r['batch']}x{r['length']}", scale=2**30 if key == "peak_bytes" else 1)
+            axis.set_yscale("log")
+        else:
+            rows = [r for r in real_rows if r["mode"] == mode]
+            bar_panel(axis, rows, list(dict.fromkeys(r["model"] for r in rows)), key,
+                      lambda r: f"{r['dataset']} b{r['batch_size']}\n{r['order']}")
+        axis.set_title(f"{mode}: {label}")
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def bar_panel(axis, rows, names, key, group_of, scale=1):
+    """Bars of rows[key] per group (a shape, or a data set and order) and name: every group its own x position."""
+    groups = list(dict.fromkeys(group_of(r) for r in rows))
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        values = []
+        for group in groups:
+            match = [r for r in rows if r["model"] == name and group_of(r) == group and not r.get("error")]
+            value = match[0].get(key) if match else None
+            values.append(float("nan") if value is None else value / scale)
+        axis.bar([i + k * width for i in range(len(groups))], values, width, label=name)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, fontsize=7)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if (args.memory_json and args.device == "cpu"
             and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD):
         raise SystemExit("the memory pass needs MALLOC_MMAP_THRESHOLD_=" + MMAP_THRESHOLD)
 
     import torch
 
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # only if the package is not installed
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    if args.device == "cpu" and dtype != torch.float32:
-        torch.set_default_dtype(dtype)  # CPU: parameters and activations in that dtype
-
-    max_length = max(n for _, n in args.forward_shapes + args.train_shapes)
-    models, optimizers = {}, {}
-    for name in args.models:
-        torch.manual_seed(0)
-        models[name] = build_model(name, args, max_length).to(args.device)
-        parameters = models[name].parameters()
-        optimizers[name] = (torch.optim.SGD(parameters, lr=1e-4) if args.optimizer == "sgd"
-                            else torch.optim.AdamW(parameters, lr=1e-4))
-    torch.set_default_dtype(torch.float32)
-
-    if args.memory_json is None:
-        import transformers
-
-        device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-        print(f"{device_name} ({os.cpu_count()} cores visible), torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-              f"clock {args.clock}, dtype {args.dtype}, repeats {args.repeats}, warmup {args.warmup}", flush=True)
-    results = []
-    run_mode("forward", args.forward_shapes, models, optimizers, args, results)
-    run_mode("train", args.train_shapes, models, optimizers, args, results)
     if args.memory_json is not None:
-        Path(args.memory_json).write_text(json.dumps(results))
-        return
-    del models, optimizers
-    gc.collect()
-    if not args.no_memory:
-        merge_memory(results, memory_pass(args))
-    rows = ratio_table(results, args.models)
-    print_table(rows)
+        run_shapes(args)
+        return None
+
+    info = harness.machine(args.device)
+    print(f"{harness.describe(info)}; device {args.device}, clock {args.clock}, dtype {args.dtype}, repeats "
+          f"{args.repeats}, warmup {args.warmup}", flush=True)
+    results, rows = [], []
+    if "shapes" in args.suite:
+        results, rows = run_shapes(args)
+    if "real" in args.suite:
+        flash = harness.import_disentangled_flash(args.disentangled_flash) if args.disentangled_flash else None
+        real = []
+        run_real(args, real.append, flash=flash)
+        print_real(real)
+        results += real
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import transformers
-
     meta = dict(
-        command=" ".join(["python", *sys.argv]),
-        torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-        device=args.device, device_name=(torch.cuda.get_device_name() if args.device == "cuda"
-                                         else _cpu_name()),
-        threads=torch.get_num_threads(), clock=args.clock, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
-        vocab_size=args.vocab_size, dropout=args.dropout, optimizer=args.optimizer,
-        geometry=dict(GEOMETRY, num_hidden_layers=args.layers),
-        models={name: MODELS[name] for name in args.models},
+        command=" ".join(["python", "benchmarks/benchmark.py", *args.argv]), machine=info,
+        device=args.device, device_name=info["gpu"] or info["cpu"], torch=info["torch"],
+        transformers=info["transformers"], threads=torch.get_num_threads(), clock=args.clock, dtype=args.dtype,
+        repeats=args.repeats, warmup=args.warmup, vocab_size=args.vocab_size, dropout=args.dropout,
+        optimizer=args.optimizer, geometry=geometry(args), models={name: MODELS[name] for name in args.models},
+        real=dict(batches_per_call=args.real_batches, datasets=args.datasets, orders=args.orders,
+                  variants=args.variants, unpadding_supported=harness.unpadding_supported()),
         memory_method=("torch.cuda.max_memory_allocated above the allocation before the call" if args.device == "cuda"
                        else "peak RSS (VmHWM after /proc/self/clear_refs) above RSS before the call, in a child "
                             f"process with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"),
     )
-    (out / "benchmark.json").write_text(json.dumps(dict(meta=meta, results=results, ratios=rows), indent=2))
+    harness.write_json(out / "benchmark.json", dict(meta=meta, results=results, ratios=rows))
     if not args.no_plot:
-        plot(results, args.models, out / "benchmark.png")
+        plot(results, args.models, out / "benchmark.png", title=harness.describe(info))
     print(f"\nwrote {out / 'benchmark.json'}" + ("" if args.no_plot else f" and {out / 'benchmark.png'}"))
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return dict(meta=meta, results=results, ratios=rows)
 
 
 if __name__ == "__main__":

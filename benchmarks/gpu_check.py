@@ -1,44 +1,63 @@
 """One command for a machine with a GPU: are the attention paths right on CUDA, do they train, and how fast are they?
 
-    PYTHONPATH=. python3 scripts/gpu_check.py                                 # one GPU: under 8 minutes
-    PYTHONPATH=. python3 scripts/gpu_check.py --disentangled-flash disentangled_flash-1.1.1-py3-none-any.whl
-    PYTHONPATH=. python3 scripts/gpu_check.py --smoke                         # CPU, tiny sizes, seconds (tests run it)
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT \\
+        --disentangled-flash .whl/disentangled_flash-1.1.1-py3-none-any.whl      # one H200: about 8 minutes
+    PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check     # CPU rehearsal, tiny sizes (tests)
 
-(a) parity: every attention path (sdpa, flex_attention) against eager on padded batches, for each variant of the
-    position terms, lengths inside and past the bucket range and past max_position: fp32 to 1e-5 (TF32 off), bf16
-    and fp16 finite and close to fp32 eager.
-(b) a training step of a classifier on every path: fp32, bf16 (autocast), fp16 (autocast + GradScaler); flex with
-    attention dropout 0 (FlexAttention has none): loss and gradients finite, parameters updated.
-(c) benchmark, DeBERTa-v3-base geometry, bf16, attention dropout 0 for every model: forward (inference_mode) and
-    training step (forward, backward, SGD step) time and peak memory at 512, 2048, 8192 and 16384 tokens per
-    sequence, for our sdpa and flex_attention paths, transformers' BertModel (SDPA: flash where it applies),
-    transformers' DebertaV2Model and, when importable, disentangled-flash through its public API
-    (`optimize_deberta`; a wheel or folder passed with --disentangled-flash is put on sys.path, no pip needed).
-    Out-of-memory and unsupported cases are caught and recorded; cases past --budget seconds are skipped.
+Four phases, each in its own process (a CUDA error or an out-of-memory case cannot poison the next phase), each
+writing phase_<name>.json after every case (a run cut off keeps what it measured), each with its share of --budget
+seconds (time a phase leaves unused goes to the next ones; a phase past its share plus a grace period is killed):
 
-Writes gpu_check.json (with the GPU name, torch, transformers and triton versions) and gpu_check.png (matplotlib,
-when installed) into --out. Uses only torch, transformers and, optionally, triton and matplotlib.
+(shapes) benchmark first, longest inputs first (1x16384, 1x8192, 2x2048, 8x512), DeBERTa-v3-base geometry, bf16,
+    attention dropout 0 for every model: forward (inference_mode) and training step (forward, backward, SGD step),
+    median time over alternating repeats and peak memory, for our sdpa and flex_attention paths, transformers'
+    BertModel (SDPA) and DebertaV2Model and disentangled-flash (its optimize_deberta; Triton on CUDA).
+(real) GLUE length distributions (benchmarks/data): SST-2 at batch 32 and RTE at batch 8, in random order, grouped
+    by length as the Trainer's group_by_length does, and as full rectangles of the same token count: ours padded,
+    unpadded and packed (issue 20's unpad_inputs and DataCollatorWithFlattening batches, when this checkout has
+    them; skipped with the reason otherwise), our flex_attention padded, DebertaV2 and BERT padded,
+    disentangled-flash padded and packed: real tokens/s and examples/s, training and inference.
+(parity) every path (sdpa, flex_attention) against eager for each variant of the position terms, at lengths inside
+    and past the bucket range and past max_position, on a batch with full, right-padded, left-padded and fully
+    padded rows. Each model gets its own copy of the config and the reference is asserted to be eager before each
+    run. fp32 to 1e-5 (TF32 off). bf16 and fp16 against eager in the same dtype: the path's error must stay within
+    a small multiple of eager's own half-precision error against fp32 (a broken path fails: tests/test_gpu_check.py).
+(training) one classifier training step per path and dtype (fp32; bf16 autocast; fp16 autocast + GradScaler),
+    dropout 0: loss and gradients against eager's in the same dtype, parameters updated.
+
+Every FlexAttention case says whether the fused kernel ran (`fused`): dynamo's recompile limit is raised to fit
+the cases, dynamo is reset between sections, and a fallback to FlexAttention's unfused path (torch's own warning,
+or dynamo's recompile-limit warning) makes the case `fused: false`; in parity and training that is a failure.
+
+Writes gpu_check.json (machine, every result, ratios, a summary) and gpu_check.png into --out after every phase;
+exits 1 if a parity or training case fails or a FlexAttention case ran unfused.
 """
 
 import argparse
+import copy
 import functools
 import json
 import math
-import platform
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, if the package is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, benchmark
+
+import benchmark  # noqa: E402
+import harness  # noqa: E402
 
 from modeling_deberta_custom import (  # noqa: E402
     DebertaCustomConfig,
     DebertaCustomForSequenceClassification,
     DebertaCustomModel,
 )
+
+PHASES = {"shapes": 0.28, "real": 0.30, "parity": 0.24, "training": 0.18}  # shares of --budget
+GRACE_S = 45  # a case started just before a phase's deadline may finish (a compilation takes tens of seconds)
 
 VARIANTS = {  # the variants of the position terms the parity tests cover
     "v3": {},
@@ -49,330 +68,513 @@ VARIANTS = {  # the variants of the position terms the parity tests cover
                                 norm_rel_ebd="none", max_relative_positions=64),
     "no_relative_attention": dict(relative_attention=False, position_biased_input=True, max_position_embeddings=1024),
 }
-BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Parity models are initialised 5x wider than DeBERTa's 0.02: with 0.02, attention logits at init are ~0.05, the
+# attention nearly uniform, and a path that averages uniformly or drops the position terms moves the output by less
+# than half-precision rounding. At 0.1 they matter (tests/test_gpu_check.py breaks a path and sees it fail).
+PARITY_INIT = 0.1
+FP32_TOLERANCE = 1e-5  # rtol and atol, TF32 off
+# Half precision: the path against eager in the same dtype, mean and max |error| over real tokens, may be at most
+# this multiple of eager's own error (that dtype against fp32).
+HALF_FACTOR = 3.0
+GRAD_FP32_TOLERANCE = 1e-3  # max |g_path - g_eager| / max |g_eager|, per parameter, worst over parameters
+GRAD_HALF_COSINE = 0.99  # cosine similarity of all gradients, path against eager in the same dtype
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/gpu_check")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (or GPU): checks the script runs")
-    parser.add_argument("--shapes", default=None, help="BxN list for (c); default 8x512,2x2048,1x8192,1x16384")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which (c) skips what is left")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for all phases (GPU 450, smoke 600)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {list(PHASES)}, run in that order")
+    parser.add_argument("--shapes", default=None, help="BxN list for (shapes); default 1x16384,1x8192,2x2048,8x512")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (GPU 3, smoke 1)")
+    parser.add_argument("--real-batches", type=int, default=None, help="batches per measured call in (real)")
+    parser.add_argument("--paths", default=None, help="paths checked against eager (GPU sdpa,flex_attention; CPU sdpa)")
+    parser.add_argument("--recompile-limit", type=int, default=64, help="dynamo's, per compiled function")
     parser.add_argument("--disentangled-flash", default=None, help="wheel or folder of disentangled-flash")
+    parser.add_argument("--in-process", action="store_true", help="run the phases in this process (tests)")
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # internal: time.time()
     args = parser.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    args.phases = benchmark.comma_list(args.phases)
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}")
+    if args.budget is None:
+        args.budget = 600.0 if args.smoke else 450.0
     if args.shapes is None:
-        args.shapes = "2x32,1x64" if args.smoke else "8x512,2x2048,1x8192,1x16384"
-    args.shapes = [tuple(int(x) for x in item.lower().split("x")) for item in args.shapes.split(",")]
+        args.shapes = "1x64,2x32" if args.smoke else "1x16384,1x8192,2x2048,8x512"
+    args.shapes = sorted(benchmark.parse_shapes(args.shapes), key=lambda s: (s[1], s[0]), reverse=True)  # longest first
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 3
+    if args.real_batches is None:
+        args.real_batches = 2 if args.smoke else 8
+    if args.paths is None:  # CPU: no FlexAttention backward, and 20+ s of compilation per shape
+        args.paths = "sdpa" if args.device == "cpu" else "sdpa,flex_attention"
+    args.paths = benchmark.comma_list(args.paths)
     return args
 
 
-def tiny_or_base(args, **overrides):
+def past(deadline):
+    return deadline is not None and time.time() > deadline
+
+
+def assert_eager(model):
+    """The reference must run eager: every module that holds a config (the layers read it at every call)."""
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            assert config._attn_implementation == "eager", (name, config._attn_implementation)
+
+
+def model_with_path(config, path, state, device, dtype):
+    """A model of its own (its own copy of the config) on `path`, with the reference's weights."""
+    model = DebertaCustomModel._from_config(copy.deepcopy(config), attn_implementation=path)
+    model.load_state_dict(state)
+    return model.to(device, dtype).eval()
+
+
+def summarize(errors):
+    return dict(max=float(errors.max()) if errors.numel() else 0.0, mean=float(errors.mean()) if errors.numel() else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (parity)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parity_config(args, **overrides):
     geometry = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                      position_buckets=8, max_position_embeddings=64) if args.smoke
-                else dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, intermediate_size=512,
+                else dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                           position_buckets=256, max_position_embeddings=512))
-    return DebertaCustomConfig(vocab_size=1000, **{**geometry, **overrides})
+    return DebertaCustomConfig(vocab_size=1000, initializer_range=PARITY_INIT, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, **{**geometry, **overrides})
 
 
-def batch(vocab_size, batch_size, length, device, generator):
-    input_ids = torch.randint(1, vocab_size, (batch_size, length), generator=generator).to(device)
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    for row in range(1, batch_size):  # right padding of different lengths; one row fully padded at the end
-        attention_mask[row, length - row * length // (2 * batch_size):] = 0
-    return input_ids, attention_mask.to(device)
+def parity_batch(vocab_size, length, device, generator):
+    """Four rows: full, right-padded, left-padded, and fully padded."""
+    input_ids = torch.randint(1, vocab_size, (4, length), generator=generator)
+    attention_mask = torch.ones(4, length, dtype=torch.long)
+    attention_mask[1, length - length // 3:] = 0
+    attention_mask[2, :length // 3] = 0
+    attention_mask[3] = 0
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
 
 
-def record(results, section, case, function):
-    """Runs function() -> dict; exceptions (OOM included) are recorded, not raised."""
-    start = time.perf_counter()
-    try:
-        entry = function()
-    except Exception as error:  # noqa: BLE001 - every failure is a result here
-        oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-        entry = dict(status="oom" if oom else "error", error=f"{type(error).__name__}: {str(error)[:500]}")
-        if not oom:
-            entry["traceback"] = traceback.format_exc(limit=4)[-1500:]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    entry = dict(section=section, **case, **entry, seconds=round(time.perf_counter() - start, 2))
-    results.append(entry)
-    print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
-    return entry
+def parity_lengths(args):
+    return (12, 40, 100) if args.smoke else (100, 300, 600)  # inside / past the bucket range, past max_position
 
 
-def paths(args):
-    # No FlexAttention backward on CPU, and each shape compiles anew there: the CPU smoke run leaves flex out.
-    return ["sdpa"] if args.device == "cpu" else ["sdpa", "flex_attention"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# (a) parity
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def check_parity(args, results):
-    lengths = (12, 40, 100) if args.smoke else (100, 300, 600)  # inside / past the bucket range, past max_position
+def phase_parity(args, log):
     generator = torch.Generator().manual_seed(0)
     for variant, overrides in VARIANTS.items():
-        config = tiny_or_base(args, **overrides)
+        torch._dynamo.reset()  # each variant starts with no compiled FlexAttention
+        config = parity_config(args, **overrides)
         torch.manual_seed(0)
-        eager = DebertaCustomModel._from_config(config, attn_implementation="eager").to(args.device).eval()
-        for length in lengths:
-            inputs = batch(config.vocab_size, 3, length, args.device, generator)
-            with torch.no_grad():
-                expected = eager(*inputs).last_hidden_state
-            for path in paths(args):
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    case = dict(variant=variant, length=length, path=path, dtype=str(dtype).split(".")[1])
-                    record(results, "parity", case, functools.partial(compare, eager, path, dtype, inputs, expected))
+        eager = DebertaCustomModel._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+        references = {dtype: copy.deepcopy(eager).to(args.device, getattr(torch, dtype)) for dtype in DTYPES}
+        state = eager.state_dict()
+        for dtype in DTYPES:
+            for length in parity_lengths(args):
+                inputs = parity_batch(config.vocab_size, length, args.device, generator)
+                case = dict(section="parity", variant=variant, length=length, dtype=dtype)
+                if past(args.deadline):
+                    for path in args.paths:
+                        log.add(dict(case, path=path, status="skipped", error="time budget"))
+                    continue
+                expected = reference_outputs(references, dtype, inputs)
+                for path in args.paths:
+                    log.add(dict(case, path=path, **harness.run_case(functools.partial(
+                        parity_case, config, path, state, dtype, inputs, expected, references), args.device)))
 
 
-def compare(eager, path, dtype, inputs, expected):
-    model = DebertaCustomModel._from_config(eager.config, attn_implementation=path).to(inputs[0].device).eval()
-    model.load_state_dict(eager.state_dict())
-    with torch.no_grad():
-        actual = model.to(dtype)(*inputs).last_hidden_state.float()
-    error = (actual - expected).abs()
-    finite = bool(torch.isfinite(actual).all())
-    if dtype == torch.float32:
-        ok = finite and bool(torch.allclose(actual, expected, rtol=1e-5, atol=1e-5))
+def reference_outputs(references, dtype, inputs):
+    """Eager's outputs in `dtype` and in fp32 (the scale of half-precision error), each model asserted eager."""
+    outputs = {}
+    for name in dict.fromkeys(("float32", dtype)):
+        assert_eager(references[name])
+        with torch.no_grad():
+            outputs[name] = references[name](**inputs).last_hidden_state.float()
+    return outputs
+
+
+def parity_case(config, path, state, dtype, inputs, expected, references):
+    model = model_with_path(config, path, state, inputs["input_ids"].device, getattr(torch, dtype))
+    assert all(model.config is not reference.config for reference in references.values())
+    with harness.flex_witness() as seen, torch.no_grad():
+        actual = model(**inputs).last_hidden_state.float()
+    for reference in references.values():
+        assert_eager(reference)  # still eager after the path ran
+    real = inputs["attention_mask"].bool()
+    error = summarize((actual - expected[dtype])[real].abs())
+    entry = dict(max_abs_error=error["max"], mean_abs_error=error["mean"],
+                 padding_max_abs_error=summarize((actual - expected[dtype])[~real].abs())["max"],
+                 finite=bool(torch.isfinite(actual).all()), compiled_graphs=seen["compiled_graphs"])
+    if dtype == "float32":
+        ok = bool(torch.allclose(actual[real], expected[dtype][real], rtol=FP32_TOLERANCE, atol=FP32_TOLERANCE))
+        entry["tolerance"] = f"allclose rtol=atol={FP32_TOLERANCE}"
     else:
-        ok = finite and float(error.mean()) < 0.05  # half precision keeps 8 to 11 bits of mantissa
-    return dict(status="ok" if ok else "fail", max_abs_error=float(error.max()), mean_abs_error=float(error.mean()))
+        noise = summarize((expected[dtype] - expected["float32"])[real].abs())
+        entry.update(eager_half_max_error=noise["max"], eager_half_mean_error=noise["mean"],
+                     tolerance=f"{HALF_FACTOR}x eager's own error against fp32 (mean and max)")
+        ok = error["mean"] <= HALF_FACTOR * noise["mean"] and error["max"] <= HALF_FACTOR * noise["max"]
+    return with_fusion(entry, ok and entry["finite"], path, seen)
+
+
+def with_fusion(entry, ok, path, seen):
+    """Status, and for FlexAttention whether its fused kernel ran: an unfused run fails the case."""
+    if path == "flex_attention":
+        entry["fused"] = not seen["unfused"]
+        if seen["unfused"]:
+            entry["unfused_reasons"] = seen["reasons"]
+            ok = False
+    return dict(entry, status="ok" if ok else "fail")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# (b) a training step on every path
+# (training)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_training(args, results):
+def phase_training(args, log):
     generator = torch.Generator().manual_seed(1)
-    for path in ["eager", *paths(args)]:
-        for dtype in ("float32", "bfloat16", "float16"):
-            case = dict(path=path, dtype=dtype)
-            record(results, "training", case, functools.partial(training_step, args, path, dtype, generator))
-
-
-def training_step(args, path, dtype, generator):
-    dropout = 0.0 if path == "flex_attention" else 0.1
-    config = tiny_or_base(args, num_labels=3, attention_probs_dropout_prob=dropout)
+    config = parity_config(args, num_labels=3)
+    inputs = parity_batch(config.vocab_size, 100 if args.smoke else 600, args.device, generator)
+    inputs["labels"] = torch.tensor([0, 1, 2, 0], device=args.device)
     torch.manual_seed(0)
-    model = DebertaCustomForSequenceClassification._from_config(config, attn_implementation=path)
+    state = DebertaCustomForSequenceClassification(copy.deepcopy(config)).state_dict()
+    for dtype in DTYPES:
+        eager = {}  # eager's loss and gradients in this dtype, filled by its own case (the first)
+        for path in ["eager", *args.paths]:
+            torch._dynamo.reset()
+            case = dict(section="training", path=path, dtype=dtype)
+            if past(args.deadline):
+                log.add(dict(case, status="skipped", error="time budget"))
+                continue
+            log.add(dict(case, **harness.run_case(functools.partial(
+                training_step, args, config, state, path, dtype, inputs, eager), args.device)))
+
+
+def training_step(args, config, state, path, dtype, inputs, eager):
+    """One step; returns the loss, gradient agreement with eager (same dtype) and how many parameters moved."""
+    model = DebertaCustomForSequenceClassification._from_config(copy.deepcopy(config), attn_implementation=path)
+    model.load_state_dict(state)
     model = model.to(args.device).train()
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    half = getattr(torch, dtype)
     scaler = torch.amp.GradScaler(args.device, enabled=dtype == "float16")
-    input_ids, attention_mask = batch(config.vocab_size, 4, 100 if args.smoke else 600, args.device, generator)
-    labels = torch.tensor([0, 1, 2, 0], device=args.device)
-    with torch.autocast(args.device, dtype=half, enabled=dtype != "float32"):
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    scaler.scale(loss).backward()
+    with harness.flex_witness() as seen:
+        with torch.autocast(args.device, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+            loss = model(**inputs).loss
+        scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    gradients_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    finite = math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(g).all()) for g in grads.values())
     scaler.step(optimizer)
     scaler.update()
     updated = sum(not torch.equal(before[name], p) for name, p in model.named_parameters() if name in before)
-    ok = math.isfinite(float(loss.detach())) and gradients_finite and updated == len(before)
-    return dict(status="ok" if ok else "fail", loss=float(loss.detach()), parameters_updated=f"{updated}/{len(before)}")
+    entry = dict(loss=float(loss.detach()), finite=finite, parameters_updated=f"{updated}/{len(before)}",
+                 compiled_graphs=seen["compiled_graphs"])
+    ok = finite and updated == len(before)
+    if path == "eager":
+        assert_eager(model)
+        eager.update(loss=entry["loss"], grads=grads)
+    elif eager:
+        ok = compare_gradients(entry, grads, eager, dtype) and ok
+    else:
+        entry["note"] = "no eager reference in this dtype (its case failed)"
+    return with_fusion(entry, ok, path, seen)
+
+
+def compare_gradients(entry, grads, eager, dtype):
+    worst = max(float((grads[n] - g).abs().max() / (g.abs().max() + 1e-12)) for n, g in eager["grads"].items())
+    flat, flat_eager = (torch.cat([g.flatten() for _, g in sorted(gs.items())]) for gs in (grads, eager["grads"]))
+    cosine = float(torch.nn.functional.cosine_similarity(flat, flat_eager, dim=0))
+    entry.update(eager_loss=eager["loss"], grad_max_relative_error=worst, grad_cosine=cosine)
+    if dtype == "float32":
+        entry["tolerance"] = f"gradients within {GRAD_FP32_TOLERANCE} of eager's (relative to each max), loss 1e-5"
+        return worst <= GRAD_FP32_TOLERANCE and abs(entry["loss"] - eager["loss"]) <= 1e-5 * max(1, abs(eager["loss"]))
+    entry["tolerance"] = f"gradient cosine with eager's >= {GRAD_HALF_COSINE}, loss within 2%"
+    return cosine >= GRAD_HALF_COSINE and abs(entry["loss"] - eager["loss"]) <= 0.02 * max(1, abs(eager["loss"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# (c) benchmark
+# (shapes) benchmark: long full rectangles
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def import_disentangled_flash(path):
-    """The disentangled_flash module, or None. A wheel is unpacked next to it first (the package reads its own
-    source files, so it does not import from the zip); a folder is put on sys.path as it is."""
-    if path:
-        path = Path(path).resolve()
-        if path.suffix == ".whl":
-            import zipfile
-
-            folder = path.with_suffix("")
-            zipfile.ZipFile(path).extractall(folder)
-            path = folder
-        sys.path.insert(0, str(path))
-    try:
-        import disentangled_flash
-
-        return disentangled_flash
-    except Exception as error:  # noqa: BLE001 - absent or unusable here (no Triton): the benchmark leaves it out
-        print(f"disentangled-flash not used: {type(error).__name__}: {error}", flush=True)
-        return None
-
-
-def build(name, args, max_length, training):
-    import transformers
-
-    geometry = dict(BASE, num_hidden_layers=2) if args.smoke else BASE
-    geometry = dict(geometry, hidden_size=64, num_attention_heads=4, intermediate_size=128) if args.smoke else geometry
-    common = dict(vocab_size=8192, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, **geometry)
-    deberta = dict(common, position_buckets=256, max_relative_positions=-1, relative_attention=True,
-                   pos_att_type=["c2p", "p2c"], share_att_key=True, norm_rel_ebd="layer_norm",
-                   position_biased_input=False, type_vocab_size=0, max_position_embeddings=512)
-    if name in ("ours-sdpa", "ours-flex"):
-        config = DebertaCustomConfig(**deberta)
-        return DebertaCustomModel._from_config(config, attn_implementation=name.split("-")[1].replace(
-            "flex", "flex_attention"))
-    if name == "bert":
-        config = transformers.BertConfig(**common, max_position_embeddings=max_length)
-        return transformers.BertModel._from_config(config, attn_implementation="sdpa")
-    config = transformers.DebertaV2Config(**{**deberta, "pos_att_type": "p2c|c2p"})
-    model = transformers.DebertaV2Model(config)
-    if name == "disentangled-flash":
-        flash = import_disentangled_flash(args.disentangled_flash)
-        model = model.to(args.device, torch.bfloat16 if args.device == "cuda" else torch.float32)
-        if not training:
-            model.eval()
-        flash.optimize_deberta(model, inference=not training)
-    return model
-
-
-def timed(call, device, repeats):
-    call()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def benchmark(args, results, started):
-    models = ["ours-sdpa", "ours-flex", "bert", "hf-deberta"]
+def shape_models(args, flash):
+    names = ["ours", "ours-flex", "bert", "hf-deberta"]
     if args.device == "cpu":
-        models.remove("ours-flex")  # no FlexAttention backward on CPU
-    if import_disentangled_flash(args.disentangled_flash) is not None:
-        models.append("disentangled-flash")
+        names.remove("ours-flex")  # no FlexAttention backward on CPU
+    if flash is not None:
+        names.append("disentangled-flash")
+    return names
+
+
+def build_for_shapes(name, args, training, flash, length):
+    """A model of (shapes) on its device in bf16 (fp32 on CPU), attention dropout 0 (FlexAttention has none)."""
+    geometry = harness.TINY if args.smoke else harness.V3_BASE
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    max_length = max(length for _, length in args.shapes)
-    generator = torch.Generator().manual_seed(2)
+    with torch.device(args.device):  # parameters initialised where they live
+        model = harness.build_model(name, geometry, vocab_size=8192, max_length=max(s[1] for s in args.shapes),
+                                    attention_dropout=0.0)
+    model = model.to(args.device, dtype).train(training)
+    backend = None
+    if name == "disentangled-flash":
+        backend = harness.optimize_disentangled_flash(flash, model, training, [length])
+    return model, backend
+
+
+def phase_shapes(args, log, flash):
+    names = shape_models(args, flash)
+    models = {}
     for batch_size, length in args.shapes:
-        input_ids = torch.randint(1, 8192, (batch_size, length), generator=generator).to(args.device)
-        attention_mask = torch.ones_like(input_ids)
+        generator = torch.Generator().manual_seed(2)
+        inputs = dict(input_ids=torch.randint(1, 8192, (batch_size, length), generator=generator).to(args.device),
+                      attention_mask=torch.ones(batch_size, length, dtype=torch.long, device=args.device))
         for mode in ("forward", "train"):
-            for name in models:
-                case = dict(model=name, mode=mode, batch=batch_size, length=length)
-                if time.perf_counter() - started > args.budget:
-                    results.append(dict(section="benchmark", **case, status="skipped", error="time budget"))
+            case = dict(section="shapes", mode=mode, batch=batch_size, length=length)
+            if past(args.deadline):
+                for name in names:
+                    log.add(dict(case, model=name, status="skipped", error="time budget"))
+                continue
+            runnable, calls, records, optimizers = {}, {}, {}, {}
+            for name in names:
+                try:
+                    key = (name, mode) if name == "disentangled-flash" else name  # its inference mode is its own
+                    if key not in models or name == "disentangled-flash":
+                        models[key] = build_for_shapes(name, args, mode == "train", flash, length)
+                    runnable[name] = models[key]
+                except Exception as error:  # noqa: BLE001 - a model that cannot be built here is a result
+                    log.add(dict(case, model=name, status="error", error=f"{type(error).__name__}: {str(error)[:300]}"))
                     continue
-                record(results, "benchmark", case, functools.partial(measure, name, mode, args, max_length, dtype,
-                                                                     input_ids, attention_mask))
+                model = runnable[name][0]
+                optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-4)
+                records[name] = {}
+                call = (functools.partial(shape_train, model, optimizers[name], inputs) if mode == "train"
+                        else functools.partial(shape_forward, model, inputs))
+                calls[name] = benchmark.witnessed(call, records[name])
+            samples = harness.alternate(calls, args.repeats, args.device, warmup=1,
+                                        on_failure=functools.partial(benchmark.release_gradients,
+                                                                     {n: m for n, (m, _) in runnable.items()}))
+            for name, sample in samples.items():
+                log.add(shape_entry(case, name, sample, records[name], runnable[name][1], calls[name], args))
+            models.pop(("disentangled-flash", mode), None)
+            harness.free_memory(args.device)
 
 
-def measure(name, mode, args, max_length, dtype, input_ids, attention_mask):
-    training = mode == "train"
-    model = build(name, args, max_length, training).to(args.device, dtype)
-    model.train(training)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+def shape_forward(model, inputs):
+    model.eval()
+    with torch.inference_mode():
+        model(**inputs)
 
-    def forward():
-        with torch.inference_mode():
-            model(input_ids=input_ids, attention_mask=attention_mask)
 
-    def train():
-        output = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        output.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def shape_train(model, optimizer, inputs):
+    model.train()
+    model(**inputs).last_hidden_state.float().pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
-    call = train if training else forward
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    seconds = timed(call, args.device, args.repeats)
-    entry = dict(status="ok", ms=round(seconds * 1e3, 3))
-    if args.device == "cuda":
-        entry["peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+
+def shape_entry(case, name, sample, seen, backend, call, args):
+    error = sample["error"]
+    entry = dict(case, model=name, status="ok" if error is None else ("oom" if error == "out of memory" else "error"),
+                 error=error, times_s=sample["times_s"], median_s=sample["median_s"], **seen)
+    if sample["median_s"]:
+        entry["ms"] = round(sample["median_s"] * 1e3, 3)
+        entry["tokens_per_s"] = round(case["batch"] * case["length"] / sample["median_s"], 1)
+    if error is None and args.device == "cuda":  # one more call, for its peak memory
+        try:
+            with harness.PeakMemory("cuda") as memory:
+                call()
+            entry.update(peak_bytes=memory.peak, peak_gib=round(memory.peak / 2**30, 3))
+        except Exception as failure:  # noqa: BLE001
+            entry["memory_error"] = harness._failure(failure)
+            del failure
+            harness.free_memory(args.device)
+    if name == "ours-flex":
+        entry["fused"] = not seen.get("unfused_reasons")
+    if backend is not None:
+        entry.update(backend=backend, fused=backend == "triton")
+    if "traceback" in sample:
+        entry["traceback"] = sample["traceback"]
     return entry
 
 
-def ratios(results):
-    table = {}
-    for entry in results:
-        if entry["section"] == "benchmark" and entry.get("status") == "ok":
-            table[(entry["mode"], entry["batch"], entry["length"], entry["model"])] = entry["ms"]
-    out = []
-    for (mode, batch_size, length, name), ms in sorted(table.items()):
-        row = dict(mode=mode, batch=batch_size, length=length, model=name, ms=ms)
-        for reference in ("bert", "hf-deberta"):
-            if (mode, batch_size, length, reference) in table:
-                row[f"vs_{reference}"] = round(ms / table[(mode, batch_size, length, reference)], 3)
-        out.append(row)
-    return out
+# ----------------------------------------------------------------------------------------------------------------------
+# (real) benchmark: GLUE length distributions, padded, unpadded, packed
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def plot(results, path):
+def phase_real(args, log, flash):
+    variants = benchmark.default_real_variants(args.device, flash is not None)
+    settings = benchmark.parse_args([
+        "--suite", "real", "--device", args.device, "--dtype", "bfloat16" if args.device == "cuda" else "float32",
+        "--real-batches", str(args.real_batches), "--dropout", "0", "--variants", ",".join(variants),
+        *(["--quick"] if args.smoke else [])])
+    settings.repeats = args.repeats
+    settings.pure_dtype = True  # parameters in bf16, as in (shapes)
+    benchmark.run_real(settings, log.add, deadline=args.deadline, flash=flash)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Phases and the report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_phase(args, phase):
+    """One phase in this process, its results written to phase_<name>.json as they come."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity to 1e-5 needs full fp32 products
+    torch.backends.cudnn.allow_tf32 = False
+    harness.set_recompile_limit(args.recompile_limit)
+    torch._dynamo.reset()
+    info = harness.machine(args.device)
+    log = harness.ResultLog(Path(args.out) / f"phase_{phase}.json", phase=phase, machine=info,
+                            command=" ".join(["python3", *sys.argv]), deadline=args.deadline)
+    flash = harness.import_disentangled_flash(args.disentangled_flash) if args.disentangled_flash else None
+    print(f"phase {phase}: {harness.describe(info)}", flush=True)
+    if phase in ("shapes", "real"):
+        {"shapes": phase_shapes, "real": phase_real}[phase](args, log, flash)
+    else:
+        {"parity": phase_parity, "training": phase_training}[phase](args, log)
+    log.save(finished=True)
+    return log
+
+
+def child_command(args, phase, deadline):
+    forwarded = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
+    return [sys.executable, str(Path(__file__).resolve()), *forwarded, "--phase", phase, "--deadline", str(deadline)]
+
+
+def run_phases(args):
+    started = time.time()
+    status = {}
+    for index, phase in enumerate(args.phases):
+        remaining = args.budget - (time.time() - started)
+        share = max(0.0, remaining) * PHASES[phase] / sum(PHASES[p] for p in args.phases[index:])
+        deadline = time.time() + share
+        begin = time.time()
+        print(f"\n=== phase {phase}: {share:.0f} s (+{GRACE_S} s grace) ===", flush=True)
+        if args.in_process:
+            try:
+                run_phase(argparse.Namespace(**{**vars(args), "deadline": deadline}), phase)
+                status[phase] = dict(returncode=0)
+            except Exception as error:  # noqa: BLE001 - the other phases still run
+                status[phase] = dict(returncode=1, error=f"{type(error).__name__}: {error}")
+        else:
+            try:
+                result = subprocess.run(child_command(args, phase, deadline), timeout=share + GRACE_S)
+                status[phase] = dict(returncode=result.returncode)
+            except subprocess.TimeoutExpired:
+                status[phase] = dict(returncode=None, error=f"killed after {share + GRACE_S:.0f} s")
+        status[phase]["seconds"] = round(time.time() - begin, 1)
+        write_report(args, status, time.time() - started)
+    return status
+
+
+def load_phase(out, phase):
+    path = Path(out) / f"phase_{phase}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(args, status, seconds):
+    """gpu_check.json and gpu_check.png from the phases' files so far."""
+    out = Path(args.out)
+    results, info = [], None
+    for phase in args.phases:
+        data = load_phase(out, phase)
+        if data is not None:
+            info = info or data["machine"]
+            status.setdefault(phase, {})["finished"] = data["finished"]
+            results += data["results"]
+    report = dict(machine=info, command=" ".join(["python3", "benchmarks/gpu_check.py", *(args.argv or [])]),
+                  budget_s=args.budget, seconds=round(seconds, 1), phases=status, summary=summary(results),
+                  ratios=benchmark.ratio_table([r for r in results if r.get("section") == "shapes"],
+                                               ["ours", "ours-flex", "disentangled-flash"]),
+                  results=results)
+    harness.write_json(out / "gpu_check.json", report)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, mode in zip(axes, ("forward", "train"), strict=True):
-        series = {}
-        for entry in results:
-            if entry["section"] == "benchmark" and entry["mode"] == mode and entry.get("status") == "ok":
-                series.setdefault(entry["model"], []).append((entry["batch"] * entry["length"], entry["ms"]))
-        for name, points in series.items():
-            axis.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
-        axis.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="ms", title=mode)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return True
+        title = harness.describe(info) if info else ""
+        benchmark.plot(results, ["ours", "ours-flex", "bert", "hf-deberta", "disentangled-flash"],
+                       out / "gpu_check.png", title=title)
+    except ImportError:  # no matplotlib: JSON only
+        pass
+    return report
 
 
-def environment(args):
-    import transformers
+def failures(results):
+    """Parity and training cases that did not pass, and every FlexAttention case that ran unfused."""
+    bad = [r for r in results if r["section"] in ("parity", "training") and r.get("status") not in ("ok", "skipped")]
+    return bad + [r for r in results if r["section"] in ("shapes", "real") and r.get("fused") is False]
 
-    try:
-        import triton
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    flash = import_disentangled_flash(args.disentangled_flash)
-    return dict(
-        device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
-        triton=triton_version, disentangled_flash=getattr(flash, "__version__", None), python=platform.python_version(),
-        command=" ".join(["python3", *sys.argv]), smoke=args.smoke, shapes=args.shapes, repeats=args.repeats,
-    )
+def summary(results):
+    counts = {}
+    for r in results:
+        section = counts.setdefault(r["section"], {})
+        section[r.get("status", "?")] = section.get(r.get("status", "?"), 0) + 1
+    return dict(counts=counts, failures=len(failures(results)),
+                unfused=[{k: r.get(k) for k in ("section", "model", "path", "mode", "dtype", "length", "variant")}
+                         for r in results if r.get("fused") is False])
+
+
+def print_parity(results):
+    rows = [r for r in results if r["section"] == "parity"]
+    if not rows:
+        return
+    print("\nparity: max / mean |path - eager| over real tokens (half precision: eager in the same dtype; 'eager"
+          " err' is eager's own error against fp32)")
+    print(f"{'variant':30s}{'len':>5s}  {'path':15s}{'dtype':10s}{'status':8s}{'max err':>10s}{'mean err':>10s}"
+          f"{'eager err':>10s}  fused")
+    for r in rows:
+        fused = "" if "fused" not in r else str(r["fused"])
+        if r["status"] in ("ok", "fail"):
+            print(f"{r['variant']:30s}{r['length']:5d}  {r['path']:15s}{r['dtype']:10s}{r['status']:8s}"
+                  f"{r['max_abs_error']:10.2e}{r['mean_abs_error']:10.2e}"
+                  f"{r.get('eager_half_max_error', float('nan')):10.2e}  {fused}")
+        else:
+            print(f"{r['variant']:30s}{r['length']:5d}  {r['path']:15s}{r['dtype']:10s}{r['status']:8s} {r.get('error')}")
+
+
+def print_training(results):
+    for r in (r for r in results if r["section"] == "training"):
+        details = (f"loss {r['loss']:.5f} grad rel err {r.get('grad_max_relative_error', float('nan')):.2e} cosine "
+                   f"{r.get('grad_cosine', float('nan')):.6f} updated {r['parameters_updated']}"
+                   if "loss" in r else r.get("error"))
+        print(f"training {r['path']:15s}{r['dtype']:10s}{r['status']:8s} {details}"
+              + (f" fused {r['fused']}" if "fused" in r else ""))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity to 1e-5 needs full fp32 products
-    torch.backends.cudnn.allow_tf32 = False
-    results = []
-    check_parity(args, results)
-    check_training(args, results)
-    benchmark(args, results, started)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = dict(environment=environment(args), seconds=round(time.perf_counter() - started, 1),
-                  ratios=ratios(results), results=results)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    plotted = plot(results, out / "gpu_check.png")
-    failures = [e for e in results if e["section"] != "benchmark" and e.get("status") != "ok"]
-    print(f"wrote {out / 'gpu_check.json'}" + (f" and {out / 'gpu_check.png'}" if plotted else "")
-          + f"; {len(failures)} parity/training failures; {report['seconds']} s")
-    return 1 if failures else 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.phase is not None:  # a child: one phase
+        run_phase(args, args.phase)
+        return 0
+    if args.disentangled_flash and not args.in_process and Path(args.disentangled_flash).suffix == ".whl":
+        flash = harness.import_disentangled_flash(args.disentangled_flash)  # unpacked once, for every child
+        if flash is not None:
+            folder = str(Path(flash.__file__).resolve().parents[1])
+            args.argv = [folder if a == args.disentangled_flash else a for a in args.argv]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    status = run_phases(args)
+    report = write_report(args, status, sum(s.get("seconds", 0) for s in status.values()))
+    results = report["results"]
+    benchmark.print_real(results)
+    print_parity(results)
+    print_training(results)
+    bad = failures(results)
+    counts = report["summary"]["counts"]
+    print(f"\n{harness.describe(report['machine']) if report['machine'] else ''}\nphases: {json.dumps(status)}\n"
+          f"cases: {json.dumps(counts)}\nwrote {Path(args.out) / 'gpu_check.json'} and gpu_check.png; "
+          f"{len(bad)} failures (parity, training, or FlexAttention unfused); {report['seconds']} s")
+    crashed = [p for p, s in status.items() if s.get("returncode") != 0]
+    return 1 if bad or crashed else 0
 
 
 if __name__ == "__main__":
