@@ -563,37 +563,53 @@ def print_real(entries):
 
 
 def plot(results, models, path, title=""):
+    """One row of panels per suite: shapes (time per mode, peak memory; log scale), real (real tokens/s per mode).
+    Every shape, or data set and order, has its own place on the x axis (8x512 and 2x2048 hold as many tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes_rows = [r for r in results if r.get("section", "shapes") == "shapes"]
+    shapes_rows = [r for r in results if r.get("section", "shapes") == "shapes" and not r.get("error")]
     real_rows = [r for r in results if r.get("section") == "real" and r.get("tokens_per_s")]
-    modes = list(dict.fromkeys(r["mode"] for r in shapes_rows))
-    panels = [("shapes", mode, "median_s", "time (s)") for mode in modes]
-    panels += [("shapes", "train", "peak_bytes", "peak memory (GiB)")] if any(
-        r.get("peak_bytes") for r in shapes_rows) else []
-    panels += [("real", mode, "tokens_per_s", "real tokens / s") for mode in
-               dict.fromkeys(r["mode"] for r in real_rows)]
-    if not panels:
+    rows_of_panels = []
+    if shapes_rows:
+        panels = [(mode, "median_s", "time (s)") for mode in dict.fromkeys(r["mode"] for r in shapes_rows)]
+        if any(r.get("peak_bytes") for r in shapes_rows):
+            panels += [(mode, "peak_bytes", "peak memory (GiB)") for mode in ("forward", "train")
+                       if any(r["mode"] == mode and r.get("peak_bytes") for r in shapes_rows)]
+        rows_of_panels.append(("shapes", panels))
+    if real_rows:
+        rows_of_panels.append(("real", [(mode, "tokens_per_s", "real tokens / s")
+                                        for mode in dict.fromkeys(r["mode"] for r in real_rows)]))
+    if not rows_of_panels:
         return False
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
-    for axis, (suite, mode, key, label) in zip(axes[0], panels, strict=True):
-        if suite == "shapes":
-            bar_panel(axis, [r for r in shapes_rows if r["mode"] == mode], models, key,
-                      lambda r: f"{r['batch']}x{r['length']}", scale=2**30 if key == "peak_bytes" else 1)
-            axis.set_yscale("log")
-        else:
-            rows = [r for r in real_rows if r["mode"] == mode]
-            bar_panel(axis, rows, list(dict.fromkeys(r["model"] for r in rows)), key,
-                      lambda r: f"{r['dataset']} b{r['batch_size']}\n{r['order']}")
-        axis.set_title(f"{mode}: {label}")
-        axis.grid(axis="y", alpha=0.3)
-        axis.legend(fontsize=7)
+    columns = max(len(panels) for _, panels in rows_of_panels)
+    figure, axes = plt.subplots(len(rows_of_panels), columns, figsize=(6.2 * columns, 4.6 * len(rows_of_panels)),
+                                squeeze=False)
+    for row, (suite, panels) in enumerate(rows_of_panels):
+        for column in range(columns):
+            axis = axes[row][column]
+            if column >= len(panels):
+                axis.set_visible(False)
+                continue
+            mode, key, unit = panels[column]
+            if suite == "shapes":
+                rows = [r for r in shapes_rows if r["mode"] == mode]
+                names = [m for m in models if any(r["model"] == m for r in rows)]
+                bar_panel(axis, rows, names, key, lambda r: f"{r['batch']}x{r['length']}",
+                          scale=2**30 if key == "peak_bytes" else 1)
+                axis.set_yscale("log")
+            else:
+                rows = [r for r in real_rows if r["mode"] == mode]
+                bar_panel(axis, rows, list(dict.fromkeys(r["model"] for r in rows)), key,
+                          lambda r: f"{r['dataset']} b{r['batch_size']}\n{r['order']}")
+            axis.set_title(f"{suite}, {mode}: {unit}")
+            axis.grid(axis="y", alpha=0.3)
+            axis.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
 

@@ -90,9 +90,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def free_memory(device: str) -> None:
-    """Between cases: what one case left (an out-of-memory case especially) must not shorten the next."""
-    gc.collect()
+def free_memory(device: str, full: bool | None = None) -> None:
+    """Between cases: what one case left (an out-of-memory case especially) must not shorten the next. A full
+    collection walks every Python object (about half a second with transformers loaded): by default it runs on CUDA,
+    where a case's memory is the scarce thing; on CPU only the young generations are collected."""
+    full = device == "cuda" if full is None else full
+    gc.collect() if full else gc.collect(1)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -141,7 +144,7 @@ def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: st
             del error
             if on_failure is not None:
                 on_failure(name)
-            free_memory(device)
+            free_memory(device, full=True)
             return
         if timed:
             samples[name]["times_s"].append(seconds)
@@ -251,6 +254,7 @@ def run_case(function, device: str) -> dict:
         if not is_oom(error):
             entry["traceback"] = traceback.format_exc(limit=6)[-2000:]
         del error
+        free_memory(device, full=True)
     free_memory(device)
     return dict(entry, seconds=round(time.perf_counter() - start, 2))
 
