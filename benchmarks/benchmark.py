@@ -409,8 +409,9 @@ class RealVariant:
         if self.model_name.startswith("ours") and self.layout != "packed" and harness.unpadding_supported():
             unpad = self.layout == "unpadded"  # padded: the switch off, whatever the default
         torch.manual_seed(0)
-        model = harness.build_model(self.model_name, geometry(args), args.vocab_size, args.dropout,
-                                    unpad_inputs=unpad)
+        with torch.device(args.device):  # parameters initialised where they live (seconds saved per model on CUDA)
+            model = harness.build_model(self.model_name, geometry(args), args.vocab_size, args.dropout,
+                                        unpad_inputs=unpad)
         dtype = getattr(torch, args.dtype)
         pure = getattr(args, "pure_dtype", False) or args.device == "cpu"
         self.model = model.to(args.device, dtype if pure else torch.float32)

@@ -34,6 +34,7 @@ exits 1 if a parity or training case fails or a FlexAttention case ran unfused.
 """
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -440,14 +441,34 @@ def phase_real(args, log, flash):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def run_phase(args, phase):
-    """One phase in this process, its results written to phase_<name>.json as they come."""
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity to 1e-5 needs full fp32 products
-    torch.backends.cudnn.allow_tf32 = False
+@contextlib.contextmanager
+def phase_settings(args):
+    """TF32 off (fp32 parity to 1e-5 needs full fp32 products), dynamo's recompile limit, CPU threads; restored
+    afterwards (phases run in-process share the caller's torch)."""
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads(),
+             getattr(config, limit_name))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.device == "cpu" and (args.threads or args.smoke):
         torch.set_num_threads(args.threads or 1)
     harness.set_recompile_limit(args.recompile_limit)
     torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_num_threads(saved[2])
+        setattr(config, limit_name, saved[3])
+
+
+def run_phase(args, phase):
+    """One phase in this process, its results written to phase_<name>.json as they come."""
+    with phase_settings(args):
+        return run_phase_body(args, phase)
+
+
+def run_phase_body(args, phase):
     info = harness.machine(args.device)
     log = harness.ResultLog(Path(args.out) / f"phase_{phase}.json", phase=phase, machine=info,
                             command=" ".join(["python3", *sys.argv]), deadline=args.deadline)
