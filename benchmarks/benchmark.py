@@ -511,7 +511,8 @@ def run_real(args, add, deadline=None, flash=None):
                     records[variant] = {}
                     calls[variant] = witnessed(functools.partial(runner.call, batches_inputs), records[variant])
                 samples = harness.alternate(
-                    calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock,
+                    calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock, deadline=deadline,
+                    max_seconds=getattr(args, "case_seconds", None),
                     on_failure=functools.partial(release_gradients, {n: r.model for n, r in runnable.items()}))
                 for variant, entry in samples.items():
                     add(real_entry(dict(case, order=order, model=variant, **stats), entry, records[variant],
@@ -527,7 +528,7 @@ def release_gradients(models, name):
 
 def real_entry(case, sample, seen, runner):
     entry = dict(case, attention=getattr(runner.model.config, "_attn_implementation", None),
-                 status="ok" if sample["error"] is None else ("oom" if sample["error"] == "out of memory" else "error"),
+                 status=harness.sample_status(sample["error"]),
                  error=sample["error"], times_s=sample["times_s"], median_s=sample["median_s"], **seen)
     if runner.backend is not None:
         entry["backend"] = runner.backend

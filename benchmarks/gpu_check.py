@@ -94,6 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--real-batches", type=int, default=None, help="batches per measured call in (real)")
     parser.add_argument("--paths", default=None, help="paths checked against eager (GPU sdpa,flex_attention; CPU sdpa)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"parity: comma list of {list(VARIANTS)}")
+    parser.add_argument("--case-seconds", type=float, default=30.0,
+                        help="benchmarks: stop repeating a call once its timed calls would pass this (one sample kept)")
     parser.add_argument("--recompile-limit", type=int, default=64, help="dynamo's, per compiled function")
     parser.add_argument("--disentangled-flash", default=None, help="wheel or folder of disentangled-flash")
     parser.add_argument("--threads", type=int, default=None,
@@ -345,41 +347,46 @@ def build_for_shapes(name, args, training, flash, length):
 
 
 def phase_shapes(args, log, flash):
+    """Forward at every shape, then training steps at every shape, longest first: a case that stalls (a FlexAttention
+    backward at 16k tokens, say) costs what follows it in its own mode only."""
     names = shape_models(args, flash)
     models = {}
-    for batch_size, length in args.shapes:
-        generator = torch.Generator().manual_seed(2)
-        inputs = dict(input_ids=torch.randint(1, 8192, (batch_size, length), generator=generator).to(args.device),
-                      attention_mask=torch.ones(batch_size, length, dtype=torch.long, device=args.device))
-        for mode in ("forward", "train"):
+    for mode in ("forward", "train"):
+        for batch_size, length in args.shapes:
             case = dict(section="shapes", mode=mode, batch=batch_size, length=length)
             if past(args.deadline):
                 for name in names:
                     log.add(dict(case, model=name, status="skipped", error="time budget"))
                 continue
-            runnable, calls, records, optimizers = {}, {}, {}, {}
+            log.save(running=f"{mode} {batch_size}x{length}")  # a phase killed mid-case says where
+            generator = torch.Generator().manual_seed(2)
+            inputs = dict(input_ids=torch.randint(1, 8192, (batch_size, length), generator=generator).to(args.device),
+                          attention_mask=torch.ones(batch_size, length, dtype=torch.long, device=args.device))
+            runnable, calls, records = {}, {}, {}
             for name in names:
                 try:
-                    key = (name, mode) if name == "disentangled-flash" else name  # its inference mode is its own
-                    if key not in models or name == "disentangled-flash":
-                        models[key] = build_for_shapes(name, args, mode == "train", flash, length)
-                    runnable[name] = models[key]
+                    if name not in models or name == "disentangled-flash":  # its inference mode is shape-bound
+                        models[name] = build_for_shapes(name, args, mode == "train", flash, length)
+                    runnable[name] = models[name]
                 except Exception as error:  # noqa: BLE001 - a model that cannot be built here is a result
                     log.add(dict(case, model=name, status="error", error=f"{type(error).__name__}: {str(error)[:300]}"))
                     continue
                 model = runnable[name][0]
-                optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-4)
                 records[name] = {}
-                call = (functools.partial(shape_train, model, optimizers[name], inputs) if mode == "train"
-                        else functools.partial(shape_forward, model, inputs))
+                call = (functools.partial(shape_train, model, torch.optim.SGD(model.parameters(), lr=1e-4), inputs)
+                        if mode == "train" else functools.partial(shape_forward, model, inputs))
                 calls[name] = benchmark.witnessed(call, records[name])
-            samples = harness.alternate(calls, args.repeats, args.device, warmup=1,
-                                        on_failure=functools.partial(benchmark.release_gradients,
-                                                                     {n: m for n, (m, _) in runnable.items()}))
+            samples = harness.alternate(
+                calls, args.repeats, args.device, warmup=1, peak_memory=args.device == "cuda", deadline=args.deadline,
+                max_seconds=args.case_seconds,
+                on_failure=functools.partial(benchmark.release_gradients, {n: m for n, (m, _) in runnable.items()}))
             for name, sample in samples.items():
-                log.add(shape_entry(case, name, sample, records[name], runnable[name][1], calls[name], args))
-            models.pop(("disentangled-flash", mode), None)
+                log.add(shape_entry(case, name, sample, records[name], runnable[name][1]))
+            del runnable, calls
+            models.pop("disentangled-flash", None)
             harness.free_memory(args.device)
+        models.clear()  # the next mode builds its own (disentangled-flash's inference and training differ)
+    log.save(running=None)
 
 
 def shape_forward(model, inputs):
@@ -395,22 +402,14 @@ def shape_train(model, optimizer, inputs):
     optimizer.zero_grad(set_to_none=True)
 
 
-def shape_entry(case, name, sample, seen, backend, call, args):
-    error = sample["error"]
-    entry = dict(case, model=name, status="ok" if error is None else ("oom" if error == "out of memory" else "error"),
-                 error=error, times_s=sample["times_s"], median_s=sample["median_s"], **seen)
+def shape_entry(case, name, sample, seen, backend):
+    entry = dict(case, model=name, status=harness.sample_status(sample["error"]), error=sample["error"],
+                 times_s=sample["times_s"], median_s=sample["median_s"], **seen)
     if sample["median_s"]:
         entry["ms"] = round(sample["median_s"] * 1e3, 3)
         entry["tokens_per_s"] = round(case["batch"] * case["length"] / sample["median_s"], 1)
-    if error is None and args.device == "cuda":  # one more call, for its peak memory
-        try:
-            with harness.PeakMemory("cuda") as memory:
-                call()
-            entry.update(peak_bytes=memory.peak, peak_gib=round(memory.peak / 2**30, 3))
-        except Exception as failure:  # noqa: BLE001
-            entry["memory_error"] = harness._failure(failure)
-            del failure
-            harness.free_memory(args.device)
+    if sample.get("peak_bytes") is not None:  # of the warm-up call
+        entry.update(peak_bytes=sample["peak_bytes"], peak_gib=round(sample["peak_bytes"] / 2**30, 3))
     if name == "ours-flex":
         entry["fused"] = not seen.get("unfused_reasons")
     if backend is not None:
@@ -433,6 +432,7 @@ def phase_real(args, log, flash):
         *(["--quick"] if args.smoke else [])])
     settings.repeats = args.repeats
     settings.pure_dtype = True  # parameters in bf16, as in (shapes)
+    settings.case_seconds = args.case_seconds
     benchmark.run_real(settings, log.add, deadline=args.deadline, flash=flash)
 
 
@@ -568,18 +568,19 @@ def print_parity(results):
     rows = [r for r in results if r["section"] == "parity"]
     if not rows:
         return
-    print("\nparity: max / mean |path - eager| over real tokens (half precision: eager in the same dtype; 'eager"
-          " err' is eager's own error against fp32)")
+    print("\nparity: |path - eager| over real tokens, max and mean; half precision against eager in the same dtype,"
+          " beside eager's own error against fp32 (the tolerance: 3x it)")
     print(f"{'variant':30s}{'len':>5s}  {'path':15s}{'dtype':10s}{'status':8s}{'max err':>10s}{'mean err':>10s}"
-          f"{'eager err':>10s}  fused")
+          f"{'eager max':>10s}{'eager mean':>11s}  fused")
     for r in rows:
-        fused = "" if "fused" not in r else str(r["fused"])
-        if r["status"] in ("ok", "fail"):
-            print(f"{r['variant']:30s}{r['length']:5d}  {r['path']:15s}{r['dtype']:10s}{r['status']:8s}"
-                  f"{r['max_abs_error']:10.2e}{r['mean_abs_error']:10.2e}"
-                  f"{r.get('eager_half_max_error', float('nan')):10.2e}  {fused}")
-        else:
+        fused = str(r.get("fused", ""))
+        if r["status"] not in ("ok", "fail"):
             print(f"{r['variant']:30s}{r['length']:5d}  {r['path']:15s}{r['dtype']:10s}{r['status']:8s} {r.get('error')}")
+            continue
+        eager = (f"{r['eager_half_max_error']:10.2e}{r['eager_half_mean_error']:11.2e}" if "eager_half_max_error" in r
+                 else f"{'-':>10s}{'-':>11s}")
+        print(f"{r['variant']:30s}{r['length']:5d}  {r['path']:15s}{r['dtype']:10s}{r['status']:8s}"
+              f"{r['max_abs_error']:10.2e}{r['mean_abs_error']:10.2e}{eager}  {fused}")
 
 
 def print_training(results):

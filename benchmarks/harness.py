@@ -123,20 +123,24 @@ def _failure(error: BaseException) -> str:
     return "out of memory" if is_oom(error) else f"{type(error).__name__}: {str(error)[:300]}"
 
 
-def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: str = "wall",
-              on_failure=None) -> dict:
+def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: str = "wall", on_failure=None,
+              max_seconds=None, peak_memory: bool = False, deadline=None) -> dict:
     """Times every call `repeats` times, alternating between them inside each repeat (the first one rotates), so that
     machine noise hits all alike. Each is warmed up first (allocator, kernels, compilation). A call that fails
     (out of memory, not supported, any error) is recorded and left out from then on; on_failure(name) lets the
     caller release what it holds (gradients) before the next call.
+    max_seconds: a call stops being repeated once its timed calls would pass this many seconds (a slow case keeps
+    one sample, at least). peak_memory (CUDA): the peak memory of the last warm-up call, in bytes. deadline
+    (time.time()): no call starts after it; what has no sample then says "time budget".
 
-    Returns {name: {"times_s": [...], "median_s": float or None, "error": str or None}}."""
+    Returns {name: {"times_s": [...], "median_s": float or None, "error": str or None[, "peak_bytes": int]}}."""
     names = list(calls)
     samples = {name: dict(times_s=[], median_s=None, error=None) for name in names}
 
     def attempt(name, timed):
         try:
-            seconds = time_call(calls[name], device, clock)
+            with PeakMemory(device) if peak_memory and not timed else contextlib.nullcontext() as memory:
+                seconds = time_call(calls[name], device, clock)
         except Exception as error:  # noqa: BLE001 - every failure is a result here
             samples[name]["error"] = _failure(error)
             if not isinstance(error, NotImplementedError) and not is_oom(error):
@@ -148,19 +152,40 @@ def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: st
             return
         if timed:
             samples[name]["times_s"].append(seconds)
+        elif memory is not None:
+            samples[name]["peak_bytes"] = memory.peak
+
+    def wanted(name, timed):
+        entry = samples[name]
+        if entry["error"] is not None or (deadline is not None and time.time() > deadline):
+            return False
+        times = entry["times_s"]
+        return not (timed and times and max_seconds is not None
+                    and sum(times) + sum(times) / len(times) > max_seconds)
 
     for name in names:
         for _ in range(warmup):
-            if samples[name]["error"] is None:
+            if wanted(name, timed=False):
                 attempt(name, timed=False)
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            if samples[name]["error"] is None:
+            if wanted(name, timed=True):
                 attempt(name, timed=True)
     for entry in samples.values():
         if entry["times_s"]:
             entry["median_s"] = statistics.median(entry["times_s"])
+        elif entry["error"] is None and repeats > 0:
+            entry["error"] = "time budget"
     return samples
+
+
+def sample_status(error) -> str:
+    """The status word of an alternate() sample's error."""
+    if error is None:
+        return "ok"
+    if error == "time budget":
+        return "skipped"
+    return {"out of memory": "oom"}.get(error, "not supported" if error.startswith("not supported") else "error")
 
 
 def _proc_status_kib(field: str) -> int:
@@ -200,13 +225,6 @@ class PeakMemory:
         else:
             self.peak = _proc_status_kib("VmHWM") * 1024 - self.start
         return False
-
-
-def cuda_peak_gib(call) -> float:
-    """Peak CUDA memory of one call above what was allocated before it, in GiB."""
-    with PeakMemory("cuda") as memory:
-        call()
-    return round(memory.peak / 2**30, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ def test_smoke_mode_passes_and_compares_real_differences(tmp_path):
 
     measured = {(e["model"], e["mode"]) for e in found["shapes"] if e["status"] == "ok"}
     assert {(m, mode) for m in ("ours", "bert", "hf-deberta") for mode in ("forward", "train")} <= measured
-    assert [e["length"] for e in found["shapes"]] == sorted(e["length"] for e in found["shapes"])[::-1]  # longest first
+    for mode in ("forward", "train"):  # longest first
+        lengths = [e["length"] for e in found["shapes"] if e["mode"] == mode]
+        assert lengths == sorted(lengths, reverse=True)
+    assert all(e["peak_bytes"] is None or e["peak_bytes"] > 0 for e in found["shapes"] if "peak_bytes" in e)
     real = {(e["model"], e["dataset"], e["order"], e["mode"]): e for e in found["real"]}
     for key in [(m, d, o, mode) for m in ("ours-padded", "hf-deberta-padded", "bert-padded")
                 for d in ("sst2", "rte") for o in ("random", "grouped", "fixed") for mode in ("train", "forward")]:
@@ -142,3 +145,25 @@ def test_result_log_keeps_every_case_as_it_comes(tmp_path):
     assert entry["status"] == "oom" and "traceback" not in entry
     entry = harness.run_case(lambda: {}["missing"], "cpu")
     assert entry["status"] == "error" and "KeyError" in entry["error"] and entry["traceback"]
+
+
+def test_alternate_rotates_caps_and_records_failures():
+    harness = load("harness")
+    order, released = [], []
+
+    def call(name):
+        def run():
+            order.append(name)
+            if name == "broken":
+                raise RuntimeError("CUDA out of memory. Tried to allocate")
+        return run
+
+    calls = {name: call(name) for name in ("a", "b", "broken")}
+    samples = harness.alternate(calls, 2, "cpu", warmup=1, on_failure=released.append)
+    assert order == ["a", "b", "broken", "a", "b", "b", "a"]  # warm-ups, then repeats starting one later each time
+    assert samples["broken"]["error"] == "out of memory" and released == ["broken"]
+    assert len(samples["a"]["times_s"]) == 2 and samples["a"]["median_s"] is not None
+    capped = harness.alternate({"slow": call("slow")}, 5, "cpu", max_seconds=0)
+    assert len(capped["slow"]["times_s"]) == 1  # one sample kept, the rest skipped
+    late = harness.alternate({"late": call("late")}, 3, "cpu", deadline=0)
+    assert late["late"]["error"] == "time budget" and harness.sample_status(late["late"]["error"]) == "skipped"
