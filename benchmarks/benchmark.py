@@ -529,7 +529,8 @@ def release_gradients(models, name):
 def real_entry(case, sample, seen, runner):
     entry = dict(case, attention=getattr(runner.model.config, "_attn_implementation", None),
                  status=harness.sample_status(sample["error"]),
-                 error=sample["error"], times_s=sample["times_s"], median_s=sample["median_s"], **seen)
+                 error=sample["error"], times_s=sample["times_s"], median_s=sample["median_s"],
+                 warmup_s=sample.get("warmup_s"), **seen)
     if runner.backend is not None:
         entry["backend"] = runner.backend
         entry["fused"] = runner.backend == "triton"

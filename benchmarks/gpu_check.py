@@ -404,7 +404,7 @@ def shape_train(model, optimizer, inputs):
 
 def shape_entry(case, name, sample, seen, backend):
     entry = dict(case, model=name, status=harness.sample_status(sample["error"]), error=sample["error"],
-                 times_s=sample["times_s"], median_s=sample["median_s"], **seen)
+                 times_s=sample["times_s"], median_s=sample["median_s"], warmup_s=sample.get("warmup_s"), **seen)
     if sample["median_s"]:
         entry["ms"] = round(sample["median_s"] * 1e3, 3)
         entry["tokens_per_s"] = round(case["batch"] * case["length"] / sample["median_s"], 1)

@@ -129,8 +129,9 @@ def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: st
     machine noise hits all alike. Each is warmed up first (allocator, kernels, compilation). A call that fails
     (out of memory, not supported, any error) is recorded and left out from then on; on_failure(name) lets the
     caller release what it holds (gradients) before the next call.
-    max_seconds: a call stops being repeated once its timed calls would pass this many seconds (a slow case keeps
-    one sample, at least). peak_memory (CUDA): the peak memory of the last warm-up call, in bytes. deadline
+    max_seconds: a call stops being repeated once its timed calls would pass this many seconds (one sample kept),
+    and is not timed at all when its warm-up alone took longer (its error then says so; warmup_s is always
+    recorded, compilation included). peak_memory (CUDA): the peak memory of the last warm-up call, in bytes. deadline
     (time.time()): no call starts after it; what has no sample then says "time budget".
 
     Returns {name: {"times_s": [...], "median_s": float or None, "error": str or None[, "peak_bytes": int]}}."""
@@ -152,7 +153,9 @@ def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: st
             return
         if timed:
             samples[name]["times_s"].append(seconds)
-        elif memory is not None:
+            return
+        samples[name]["warmup_s"] = samples[name].get("warmup_s", 0.0) + seconds
+        if memory is not None:
             samples[name]["peak_bytes"] = memory.peak
 
     def wanted(name, timed):
@@ -160,8 +163,12 @@ def alternate(calls: dict, repeats: int, device: str, warmup: int = 1, clock: st
         if entry["error"] is not None or (deadline is not None and time.time() > deadline):
             return False
         times = entry["times_s"]
-        return not (timed and times and max_seconds is not None
-                    and sum(times) + sum(times) / len(times) > max_seconds)
+        if not timed or max_seconds is None:
+            return True
+        if not times and entry.get("warmup_s", 0.0) > max_seconds:
+            entry["error"] = f"slow: the warm-up alone took {entry['warmup_s']:.0f} s (over {max_seconds:.0f} s)"
+            return False
+        return not (times and sum(times) + sum(times) / len(times) > max_seconds)
 
     for name in names:
         for _ in range(warmup):
@@ -183,7 +190,7 @@ def sample_status(error) -> str:
     """The status word of an alternate() sample's error."""
     if error is None:
         return "ok"
-    if error == "time budget":
+    if error == "time budget" or error.startswith("slow:"):
         return "skipped"
     return {"out of memory": "oom"}.get(error, "not supported" if error.startswith("not supported") else "error")
 

@@ -163,7 +163,10 @@ def test_alternate_rotates_caps_and_records_failures():
     assert order == ["a", "b", "broken", "a", "b", "b", "a"]  # warm-ups, then repeats starting one later each time
     assert samples["broken"]["error"] == "out of memory" and released == ["broken"]
     assert len(samples["a"]["times_s"]) == 2 and samples["a"]["median_s"] is not None
-    capped = harness.alternate({"slow": call("slow")}, 5, "cpu", max_seconds=0)
+    capped = harness.alternate({"slow": call("slow")}, 5, "cpu", warmup=0, max_seconds=0)
     assert len(capped["slow"]["times_s"]) == 1  # one sample kept, the rest skipped
+    capped = harness.alternate({"slow": call("slow")}, 5, "cpu", warmup=1, max_seconds=0)
+    assert not capped["slow"]["times_s"] and capped["slow"]["error"].startswith("slow: the warm-up alone")
+    assert capped["slow"]["warmup_s"] > 0 and harness.sample_status(capped["slow"]["error"]) == "skipped"
     late = harness.alternate({"late": call("late")}, 3, "cpu", deadline=0)
     assert late["late"]["error"] == "time budget" and harness.sample_status(late["late"]["error"]) == "skipped"
