@@ -479,7 +479,7 @@ def run_phase(args, phase):
 def run_phase_body(args, phase):
     info = harness.machine(args.device)
     log = harness.ResultLog(Path(args.out) / f"phase_{phase}.json", phase=phase, machine=info,
-                            command=" ".join(["python3", *sys.argv]), deadline=args.deadline)
+                            command=args.command, deadline=args.deadline)
     flash = harness.import_disentangled_flash(args.disentangled_flash) if args.disentangled_flash else None
     print(f"phase {phase}: {harness.describe(info)}", flush=True)
     if phase in ("shapes", "real"):
@@ -491,8 +491,7 @@ def run_phase_body(args, phase):
 
 
 def child_command(args, phase, deadline):
-    forwarded = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
-    return [sys.executable, str(Path(__file__).resolve()), *forwarded, "--phase", phase, "--deadline", str(deadline)]
+    return [sys.executable, str(Path(__file__).resolve()), *args.argv, "--phase", phase, "--deadline", str(deadline)]
 
 
 def run_phases(args):
@@ -536,7 +535,7 @@ def write_report(args, status, seconds):
             info = info or data["machine"]
             status.setdefault(phase, {})["finished"] = data["finished"]
             results += data["results"]
-    report = dict(machine=info, command=" ".join(["python3", "benchmarks/gpu_check.py", *(args.argv or [])]),
+    report = dict(machine=info, command=args.command,
                   budget_s=args.budget, seconds=round(seconds, 1), phases=status, summary=summary(results),
                   ratios=benchmark.ratio_table([r for r in results if r.get("section") == "shapes"],
                                                ["ours", "ours-flex", "disentangled-flash"]),
@@ -602,6 +601,7 @@ def print_training(results):
 def main(argv=None):
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.command = " ".join(["python3", "benchmarks/gpu_check.py", *args.argv])
     if args.phase is not None:  # a child: one phase
         run_phase(args, args.phase)
         return 0
@@ -611,6 +611,8 @@ def main(argv=None):
             folder = str(Path(flash.__file__).resolve().parents[1])
             args.argv = [folder if a == args.disentangled_flash else a for a in args.argv]
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    for phase in args.phases:  # a phase that cannot start must not report an earlier run's results
+        (Path(args.out) / f"phase_{phase}.json").unlink(missing_ok=True)
     status = run_phases(args)
     report = write_report(args, status, sum(s.get("seconds", 0) for s in status.values()))
     results = report["results"]

@@ -93,8 +93,8 @@ def test_benchmark_memory_pass_runs_in_a_child(tmp_path):
 def test_disentangled_flash_cases_run_through_its_public_api(tmp_path):
     """On CPU its PyTorch backend: the padded and packed calls, inference and training, as the GPU run makes them."""
     gpu_check = load("gpu_check")
-    assert gpu_check.main(["--smoke", "--in-process", "--phases", "shapes,real", "--disentangled-flash", str(WHEEL),
-                           "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--smoke", "--in-process", "--phases", "shapes,real", "--shapes", "2x32",
+                           "--real-batches", "1", "--disentangled-flash", str(WHEEL), "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
     flash = [r for r in results if r["model"].startswith("disentangled-flash")]
     assert {r["section"] for r in flash} == {"shapes", "real"}
