@@ -474,51 +474,54 @@ def witnessed(call, record):
 
 def run_real(args, add, deadline=None, flash=None):
     """The real suite; every result goes through add(entry) as it comes (gpu_check writes it at once). Past
-    `deadline` (time.time()), what is left is recorded as skipped."""
+    `deadline` (time.time()), what is left is recorded as skipped. Training first, then inference."""
+    for mode, dataset in [(mode, dataset) for mode in args.modes for dataset in args.datasets]:
+        orders = {order: real_batches(dataset, order, args.real_batches) for order in args.orders}
+        case = dict(section="real", dataset=dataset, batch_size=harness.REAL_DATASETS[dataset][1], mode=mode)
+        runners = build_runners(args, case, orders, add, deadline, flash)
+        for order, batches in orders.items():
+            measure_order(args, runners, dict(case, order=order), batches, add, deadline)
+        del runners
+        harness.free_memory(args.device)
+
+
+def build_runners(args, case, orders, add, deadline, flash):
+    """{variant: RealVariant} for what can run; the others recorded (skipped or error) for every order."""
+    widths = sorted({max(batch) for batches in orders.values() for batch in batches})
+    runners = {}
+    for variant in args.variants:
+        reason = skip_reason(variant, args, flash)
+        if reason is None and deadline is not None and time.time() > deadline:
+            reason = "time budget"
+        try:
+            if reason is None:
+                runners[variant] = RealVariant(variant, args, case["mode"], flash, widths)
+                continue
+            status = "skipped"
+        except Exception as error:  # noqa: BLE001 - a variant that cannot be built is a result
+            status, reason = "error", f"{type(error).__name__}: {str(error)[:300]}"
+        for order in orders:
+            add(dict(case, order=order, model=variant, status=status, error=reason))
+    return runners
+
+
+def measure_order(args, runners, case, batches, add, deadline):
+    """Every runner on the same batches (the same tokens), alternating; one entry per runner."""
     import torch
 
-    for dataset in args.datasets:
-        batch_size = harness.REAL_DATASETS[dataset][1]
-        orders = {order: real_batches(dataset, order, args.real_batches) for order in args.orders}
-        widths = sorted({max(batch) for batches in orders.values() for batch in batches})
-        for mode in args.modes:
-            case = dict(section="real", dataset=dataset, batch_size=batch_size, mode=mode)
-            runnable = {}
-            for variant in args.variants:
-                reason = skip_reason(variant, args, flash)
-                if reason is None and deadline is not None and time.time() > deadline:
-                    reason = "time budget"
-                if reason is not None:
-                    for order in orders:
-                        add(dict(case, order=order, model=variant, status="skipped", error=reason))
-                    continue
-                try:
-                    runnable[variant] = RealVariant(variant, args, mode, flash, widths)
-                except Exception as error:  # noqa: BLE001 - a variant that cannot be built is a result
-                    for order in orders:
-                        add(dict(case, order=order, model=variant, status="error",
-                                 error=f"{type(error).__name__}: {str(error)[:300]}"))
-            for order, batches in orders.items():
-                stats = harness.batch_stats(batches)
-                if deadline is not None and time.time() > deadline:
-                    for variant in runnable:
-                        add(dict(case, order=order, model=variant, status="skipped", error="time budget"))
-                    continue
-                generator = torch.Generator().manual_seed(1)
-                records, calls = {}, {}
-                for variant, runner in runnable.items():
-                    batches_inputs = [runner.inputs(lengths, generator) for lengths in batches]
-                    records[variant] = {}
-                    calls[variant] = witnessed(functools.partial(runner.call, batches_inputs), records[variant])
-                samples = harness.alternate(
-                    calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock, deadline=deadline,
-                    max_seconds=getattr(args, "case_seconds", None),
-                    on_failure=functools.partial(release_gradients, {n: r.model for n, r in runnable.items()}))
-                for variant, entry in samples.items():
-                    add(real_entry(dict(case, order=order, model=variant, **stats), entry, records[variant],
-                                   runnable[variant]))
-            del runnable
-            harness.free_memory(args.device)
+    stats = harness.batch_stats(batches)
+    records, calls = {}, {}
+    for variant, runner in runners.items():
+        generator = torch.Generator().manual_seed(1)
+        batches_inputs = [runner.inputs(lengths, generator) for lengths in batches]
+        records[variant] = {}
+        calls[variant] = witnessed(functools.partial(runner.call, batches_inputs), records[variant])
+    samples = harness.alternate(
+        calls, args.repeats, args.device, warmup=args.warmup, clock=args.clock, deadline=deadline,
+        max_seconds=getattr(args, "case_seconds", None),
+        on_failure=functools.partial(release_gradients, {n: r.model for n, r in runners.items()}))
+    for variant, sample in samples.items():
+        add(real_entry(dict(case, model=variant, **stats), sample, records[variant], runners[variant]))
 
 
 def release_gradients(models, name):
