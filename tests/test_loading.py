@@ -309,7 +309,7 @@ def test_loading_benchmark_runs_tiny(tmp_path):
     """The script's loaders, weight checks and report, in one process (each child would cost seconds of imports)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("benchmark_loading", REPO_ROOT / "scripts" / "benchmark_loading.py")
+    spec = importlib.util.spec_from_file_location("benchmark_loading", REPO_ROOT / "benchmarks" / "benchmark_loading.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(["--size", "tiny", "--repeats", "1", "--in-process", "--workdir", str(tmp_path / "work"),

@@ -15,8 +15,8 @@ every parameter has been read once, as a first forward pass reads them (`peak_rs
 every repeat; reported are the median over the repeats and the ratios ours / transformers (targets: at most 1.1x the
 peak memory and 1.5x the time).
 
-    python scripts/benchmark_loading.py --size v3-large --repeats 3 --workdir /tmp/deberta-loading --out outputs/loading.json
-    python scripts/benchmark_loading.py --size tiny --repeats 1 --workdir /tmp/tiny-loading
+    python benchmarks/benchmark_loading.py --size v3-large --repeats 3 --workdir /tmp/deberta-loading --out outputs/loading.json
+    python benchmarks/benchmark_loading.py --size tiny --repeats 1 --workdir /tmp/tiny-loading
 
 `--in-process` loads in the measuring process itself: the test suite runs the tiny size that way (child processes
 cost seconds of imports each), which checks the loaders and the report but not the memory figures.
@@ -25,7 +25,6 @@ cost seconds of imports each), which checks the loaders and the report but not t
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,6 +33,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness
+
+import harness  # noqa: E402
 
 # transformers' DebertaV2Config fields (the microsoft/deberta-v3-* config.json layout).
 SIZES = {
@@ -105,19 +107,6 @@ def run_child(*arguments, in_process=False) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def machine() -> str:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="v3-large")
@@ -167,7 +156,9 @@ def main(argv=None):
                                 load_peak_rss_mb=statistics.median(r["load_peak_rss_mb"] for r in mine),
                                 checked=all(r["checked"] for r in mine), runs=mine))
     ratios = {}
-    print(f"\n{args.size} checkpoint, {size_mb:.0f} MB of safetensors; median of {args.repeats}; {machine()}")
+    info = harness.machine("cpu")
+    print(f"\n{args.size} checkpoint, {size_mb:.0f} MB of safetensors; median of {args.repeats}; "
+          f"{harness.describe(info)}")
     for dtype_name in args.dtypes.split(","):
         ours, theirs = (next(r for r in results if r["loader"] == name and r["dtype"] == dtype_name)
                         for name in LOADERS)
@@ -179,10 +170,9 @@ def main(argv=None):
               f"{ratios[dtype_name]['time']:.2f}x (target <= 1.5x), peak RSS {ratios[dtype_name]['peak_rss']:.2f}x "
               f"(target <= 1.1x; after the load call alone {ratios[dtype_name]['load_peak_rss']:.2f}x)")
     report = dict(size=args.size, checkpoint=str(folder), checkpoint_mb=size_mb, repeats=args.repeats,
-                  machine=machine(), results=results, ratios=ratios)
+                  machine=info, results=results, ratios=ratios)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        harness.write_json(args.out, report)
     return report
 
 
