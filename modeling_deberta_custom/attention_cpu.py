@@ -3,7 +3,7 @@ on CPU and are used only there (attention.relative_positions prepares a CpuLayou
 attention.sdpa_attention then calls `cpu_sdpa_attention`; under torch.compile / export / tracing and on every other
 device the plain path runs: one additive bias, one SDPA call).
 
-The constants were measured with scripts/benchmark.py on a 2-core AMD EPYC CPU (torch 2.13.0, transformers 5.24.0,
+The constants were measured with benchmarks/benchmark.py on a 2-core AMD EPYC CPU (torch 2.13.0, transformers 5.24.0,
 a machine shared with other jobs); on another CPU other values may win. The results equal the plain path's to fp32
 rounding (tests/test_attention_paths.py).
 
@@ -79,7 +79,7 @@ def far_distances(rows: torch.Tensor, query_length: int, key_length: int) -> Far
 
 
 # The position products are laid out by distance (N x (Nq + Nk - 1) products, then strided views, no gather) or by
-# table row (N x R products, then one gather per term). Measured on the 2-core AMD EPYC CPU (scripts/benchmark.py,
+# table row (N x R products, then one gather per term). Measured on the 2-core AMD EPYC CPU (benchmarks/benchmark.py,
 # torch 2.13.0): when every distance has a row of its own the two cost the same products and the distance layout
 # saves the gathers; otherwise gathering is faster for inference, but torch.gather keeps its [N, R] input for
 # backward, so training stays with the distance layout while there are at most this many distances per table row
