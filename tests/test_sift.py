@@ -32,7 +32,7 @@ from modeling_deberta_custom import (
     DebertaCustomForSequenceClassification,
     DebertaCustomForTokenClassification,
 )
-from modeling_deberta_custom.training.loss_terms import place_before_integrations
+from modeling_deberta_custom.training.loss_terms import align_logits, place_before_integrations
 from modeling_deberta_custom.training.sift import (
     SiFTCallback,
     SiFTPerturbation,
@@ -461,7 +461,8 @@ def test_sparse_masked_lm_logits_are_paired_position_by_position(fraction):
     on dense logits; with it, the dense model gives the same term. (At fraction 1, K = B * N: dense perturbed logits
     would have the clean ones' shape but in another order.)"""
     sparse, dense, batch = masked_lm_pair(fraction)
-    assert sparse(**batch).logits.shape == (20 * fraction, sparse.config.vocab_size)
+    labelled = int((batch["labels"] != -100).sum())
+    assert sparse(**batch).logits.shape == (labelled, sparse.config.vocab_size)  # eager: the labelled rows only
     delta0 = initial_delta(batch, sparse.config.hidden_size, dtype=torch.float32)
     # By hand on dense logits, the reference perturbation layer, no ascent.
     layer = ReferencePerturbationLayer()
@@ -479,14 +480,13 @@ def test_sparse_masked_lm_logits_are_paired_position_by_position(fraction):
 
 
 def test_sparse_logits_that_cannot_be_paired_are_refused():
-    """Perturbed passes that select other positions (here: a different prediction budget) raise, naming the cause."""
+    """Perturbed passes whose sparse rows are other positions than the clean pass's (here: more rows, as a compiled
+    pass with another prediction budget returns) raise, naming the cause."""
     sparse, _, batch = masked_lm_pair()
-    perturbation = SiFTPerturbation.install(sparse)
-    outputs = sparse(**batch)  # K = 10 rows
-    sparse.config.sparse_mlm_max_fraction = 0.8  # K = 16 rows in the perturbed passes
+    clean = sparse(**batch).logits  # [M, V] at the M labelled positions
+    other = torch.randn(clean.shape[0] + 3, clean.shape[1])
     with pytest.raises(ValueError, match="Sparse masked-LM logits .* select the same positions"):
-        sift_loss(sparse, batch, outputs, perturbation)
-    perturbation.remove()
+        align_logits(other, clean, batch["labels"])
 
 
 def test_adv_weight_defaults_to_the_authors_recipes():
