@@ -1,0 +1,207 @@
+"""Padding-free batches: which tokens of a batch are real, and how its sequences are laid out for attention.
+
+Two kinds of batches reach the model:
+
+- padded: input [B, N] with an attention_mask; each row is one sequence, padded on the left or the right (or with
+  holes: a masked place inside a sequence stays a masked key, as in the padded path);
+- packed: what transformers' DataCollatorWithFlattening gives, input [1, T] holding several sequences back to back,
+  marked by `cu_seq_lens_q` (cumulative lengths), `seq_idx` (a sequence number per token) or `position_ids` that
+  restart (a token whose position id is not above the previous token's starts a new sequence).
+
+A `SequenceLayout` describes either kind once per forward. The token-wise layers (embeddings, projections,
+feed-forward, LayerNorms, heads) run on the T real tokens, [T, C]; attention runs on a grid [R, W]: R sequences
+(padded batches: one per row, empty rows included) of up to W tokens, each sequence in its own grid row starting at
+column 0, so that relative positions count within the sequence and no sequence sees another. Moving between the
+three layouts is a row gather each way (no scatter): every output place names its source row, and places that hold
+no token name an appended zero row.
+
+Host reads: a padded batch's T and W are data-dependent sizes, read on the host once per forward in
+`layout_from_attention_mask` (one `.tolist()` of two numbers: one device sync on accelerators, as flash-attn's and
+ModernBERT's unpadding do; free on CPU). Packed batches with cu_seq_lens_q and max_length_q need no read at all;
+packed batches known only from position_ids or seq_idx need one (S and W).
+
+This file is copied with the modeling file as remote code, so it imports only torch.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+# The packing keyword arguments transformers' DataCollatorWithFlattening can add to a batch.
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+class SequenceLayout(NamedTuple):
+    """Where the T real tokens of a [B, N] input sit, and the attention grid [R, W] of its sequences.
+
+    token_index [T]: place of each real token in the flattened input [B * N], row-major (the order of the [T, C]
+        token-wise tensors).
+    input_slot [B * N]: token of each input place, T (the zero row) at padding.
+    grid_index [T]: place of each token in the flattened grid [R * W].
+    grid_slot [R * W]: token at each grid place, T where the grid holds none.
+    key_mask [R, 1, 1, W]: True where a grid place holds a token (a row without any token attends to every place, as
+        the padded path does, so that softmax stays finite; its outputs are never read).
+    sequence_starts [R]: the token that starts each sequence (T for an empty row of a padded batch).
+    input_shape (B, N), grid_shape (R, W): Python ints.
+    packed: True when the rows hold several sequences (a packed batch): sequence-level heads then answer once per
+        sequence, [R, ...], instead of once per row."""
+
+    token_index: torch.Tensor
+    input_slot: torch.Tensor
+    grid_index: torch.Tensor
+    grid_slot: torch.Tensor
+    key_mask: torch.Tensor
+    sequence_starts: torch.Tensor
+    input_shape: tuple[int, int]
+    grid_shape: tuple[int, int]
+    packed: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_index.shape[0]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, ...] -> [T, ...] (a [1, N, ...] tensor is read for every row, as broadcasting would)."""
+        batch, length = self.input_shape
+        return x.expand(batch, length, *x.shape[2:]).reshape(batch * length, *x.shape[2:]).index_select(
+            0, self.token_index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, N, ...], zeros at padding."""
+        return _with_zero_row(x).index_select(0, self.input_slot).view(*self.input_shape, *x.shape[1:])
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [R, W, ...], zeros where the grid holds no token."""
+        return _with_zero_row(x).index_select(0, self.grid_slot).view(*self.grid_shape, *x.shape[1:])
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[R, W, ...] -> [T, ...]."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.grid_index)
+
+    def first_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [R, ...]: the first token of each sequence (zeros for an empty row)."""
+        return _with_zero_row(x).index_select(0, self.sequence_starts)
+
+    def first_token_of_each(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [T, ...]: for every token, the first token of its sequence."""
+        sequence = torch.div(self.grid_index, self.grid_shape[1], rounding_mode="floor")  # [T]
+        return x.index_select(0, self.sequence_starts.index_select(0, sequence))
+
+
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T + 1, ...]: index T reads zeros
+
+
+def _layout(token_index, rows, columns, input_shape, grid_shape, packed) -> SequenceLayout:
+    """The layout of T tokens at `token_index` [T] in the input, placed at (rows, columns) [T] of the grid."""
+    num_tokens, device = token_index.shape[0], token_index.device
+    batch, length = input_shape
+    num_rows, width = grid_shape
+    tokens = torch.arange(num_tokens, device=device)
+    input_slot = torch.full((batch * length,), num_tokens, dtype=torch.long, device=device)
+    input_slot = input_slot.index_put((token_index,), tokens)
+    grid_index = rows * width + columns
+    grid_slot = torch.full((num_rows * width,), num_tokens, dtype=torch.long, device=device)
+    grid_slot = grid_slot.index_put((grid_index,), tokens)
+    key_mask = (grid_slot != num_tokens).view(num_rows, width)
+    key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
+    sequence_starts = grid_slot.view(num_rows, width)[:, 0]  # column 0 of every sequence is its first token
+    return SequenceLayout(token_index, input_slot, grid_index, grid_slot, key_mask[:, None, None, :],
+                          sequence_starts, input_shape, grid_shape, packed)
+
+
+def _real_token_index(flat_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B * N] bool -> [T] places of the True entries in order, without boolean indexing (T is already known)."""
+    return torch.sort(flat_mask.to(torch.int8), descending=True, stable=True).indices[:num_tokens]
+
+
+def layout_from_attention_mask(attention_mask: torch.Tensor) -> SequenceLayout | None:
+    """The layout of a padded batch [B, N]: row b of the grid holds the span of row b from its first to its last real
+    token (W: the longest span), so that relative positions are exactly the padded path's. None when the batch has
+    no padding (the padded path is then the same work). One host read (T and W)."""
+    mask = attention_mask.bool()
+    batch, length = mask.shape
+    has_token = mask.any(-1)
+    first = mask.to(torch.int8).argmax(-1)  # first real column of each row (0 for an empty row)
+    last = length - 1 - mask.flip(-1).to(torch.int8).argmax(-1)
+    span = torch.where(has_token, last - first + 1, 0)
+    num_tokens, width = torch.stack([mask.sum(), span.max()]).tolist()  # the one host read
+    if num_tokens == batch * length:
+        return None
+    token_index = _real_token_index(mask.flatten(), num_tokens)
+    rows = torch.div(token_index, length, rounding_mode="floor")
+    columns = token_index - rows * length - first.index_select(0, rows)
+    return _layout(token_index, rows, columns, (batch, length), (batch, max(width, 1)), packed=False)
+
+
+def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_when_not_above: bool) -> torch.Tensor:
+    """[B, N] starts of sequences among the real tokens: a row's first real token, and a real token whose id is not
+    above the previous real token's (position ids restarting) or differs from it (sequence ids)."""
+    length = mask.shape[-1]
+    columns = torch.arange(length, device=mask.device).expand_as(mask)
+    # the previous real token's column in the row (-1 before the first one)
+    seen = torch.where(mask, columns, -1).cummax(-1).values
+    previous = torch.cat([torch.full_like(seen[:, :1], -1), seen[:, :-1]], dim=-1)
+    previous_ids = ids.gather(-1, previous.clamp(min=0))
+    restart = ids <= previous_ids if restart_when_not_above else ids != previous_ids
+    return mask & ((previous < 0) | restart)
+
+
+def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                             position_ids: bool) -> SequenceLayout:
+    """The layout of a packed batch whose sequences are marked by restarting `position_ids` (position_ids=True) or by
+    a sequence number per token (`seq_idx`, position_ids=False); ids [B, N] or [N]. Sequences never span rows; a
+    masked place inside a sequence stays a masked key. One host read (T, the number of sequences S and W)."""
+    batch, length = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
+    ids = ids.reshape(batch, length)
+    mask = (torch.ones(batch, length, dtype=torch.bool, device=ids.device) if attention_mask is None
+            else attention_mask.bool())
+    starts = _sequence_starts_from_ids(ids, mask, restart_when_not_above=position_ids).flatten()  # [B * N]
+    places = torch.arange(batch * length, device=ids.device)
+    start_place = torch.where(starts, places, 0).cummax(0).values  # each place's latest start, flat
+    span = torch.where(mask.flatten(), places - start_place + 1, 0)
+    num_tokens, num_sequences, width = torch.stack([mask.sum(), starts.sum(), span.max()]).tolist()  # one read
+    token_index = _real_token_index(mask.flatten(), num_tokens)
+    rows = starts.long().cumsum(0).index_select(0, token_index) - 1  # sequence number of each token
+    columns = token_index - start_place.index_select(0, token_index)
+    return _layout(token_index, rows, columns, (batch, length), (num_sequences, max(width, 1)), packed=True)
+
+
+def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: int) -> SequenceLayout:
+    """The layout of a packed batch [1, T] from its cumulative sequence lengths [S + 1] (0, l0, l0 + l1, ..., T) and
+    the longest length (a Python int, as DataCollatorWithFlattening returns it): no host read."""
+    device = cu_seq_lens.device
+    cu_seq_lens = cu_seq_lens.long()
+    tokens = torch.arange(length, device=device)
+    rows = torch.searchsorted(cu_seq_lens[1:], tokens, right=True)  # [T] sequence of each token
+    columns = tokens - cu_seq_lens.index_select(0, rows)
+    grid_shape = (cu_seq_lens.shape[0] - 1, max(int(max_length), 1))
+    return _layout(tokens, rows, columns, (1, length), grid_shape, packed=True)
+
+
+def check_packing_kwargs(kwargs: dict, input_shape) -> None:
+    """Unknown keyword arguments are an error (a typo would otherwise be ignored); packing arguments must describe
+    one self-attention over a [1, T] input."""
+    unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword arguments {unknown}: besides the usual inputs the model takes only the "
+                        f"packing arguments of DataCollatorWithFlattening {list(PACKING_KWARGS)}")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    given = [name for name in PACKING_KWARGS if kwargs.get(name) is not None]
+    if given and input_shape[0] != 1:
+        raise ValueError(f"Packing arguments {given} describe a packed batch of shape [1, T]; the input is "
+                         f"{tuple(input_shape)}")
+    if (cu_q is None) != (kwargs.get("max_length_q") is None):
+        raise ValueError("Pass cu_seq_lens_q together with max_length_q (DataCollatorWithFlattening's "
+                         "return_flash_attn_kwargs=True returns both)")
+    if cu_k is not None and (cu_q is None or cu_k is not cu_q and not torch.equal(cu_k, cu_q)):
+        raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q: DeBERTa's attention is self-attention")
+    if cu_q is not None and (cu_q.dim() != 1 or cu_q.shape[0] < 2):
+        raise ValueError(f"cu_seq_lens_q must be [number of sequences + 1], got shape {tuple(cu_q.shape)}")
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is not None and seq_idx.shape[-1] != input_shape[-1]:
+        raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but the input is {tuple(input_shape)}")
+
+
+__all__ = ["PACKING_KWARGS", "SequenceLayout", "check_packing_kwargs", "layout_from_attention_mask",
+           "layout_from_cu_seq_lens", "layout_from_sequence_ids"]
