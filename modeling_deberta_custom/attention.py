@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention_cpu import CpuLayout, cpu_kernels_apply, cpu_layout_of, cpu_sdpa_attention, one_row_per_distance
 from .configuration_deberta_custom import DebertaCustomConfig
+from .padding import SequenceLayout
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Relative positions
@@ -302,19 +303,22 @@ class DebertaCustomSelfAttention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-2, -3)  # [..., N, C] -> [..., H, N, D]
 
-    def project_content(self, hidden_states, query_states):
-        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D]."""
+    def project_content(self, hidden_states, query_states, layout=None):
+        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D].
+        With a SequenceLayout the states are the real tokens [T, C]: projected there, then laid out on its grid
+        ([R, W, C], B = R and N = W below)."""
+        grid = (lambda x: x) if layout is None else layout.to_grid
         if not self.fused_projection:
             return (
-                self.split_heads(self.query_proj(query_states)),
-                self.split_heads(self.key_proj(hidden_states)),
-                self.split_heads(self.value_proj(hidden_states)),
+                self.split_heads(grid(self.query_proj(query_states))),
+                self.split_heads(grid(self.key_proj(hidden_states))),
+                self.split_heads(grid(self.value_proj(hidden_states))),
             )
         # The module is called (not its weight read), so that adapters wrapping in_proj (LoRA) take part.
-        fused = self.in_proj(hidden_states)  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
+        fused = grid(self.in_proj(hidden_states))  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
         fused = fused.view(*fused.shape[:-1], self.num_heads, 3, self.head_size)  # [B, N, H, 3, D]
         if query_states is not hidden_states:  # EMD: the query comes from other states
-            query = self.in_proj(query_states).view(*query_states.shape[:-1], *fused.shape[-3:])[..., 0, :]
+            query = grid(self.in_proj(query_states)).view(*fused.shape)[..., 0, :]
         else:
             query = fused[..., 0, :]
         biases = (self.q_bias.view(self.num_heads, self.head_size), self.v_bias.view(self.num_heads, self.head_size))
@@ -344,9 +348,15 @@ class DebertaCustomSelfAttention(nn.Module):
 
     def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
+        """key_mask [B, 1, 1, N] (True = attend) for hidden states [B, N, C]; or, for an unpadded batch, its
+        SequenceLayout (padding.py) with hidden states [T, C]: attention then runs on the layout's grid, whose
+        key mask it holds, and the context comes back as [T, C]."""
         if query_states is None:
             query_states = hidden_states
-        query, key, value = self.project_content(hidden_states, query_states)
+        layout = key_mask if isinstance(key_mask, SequenceLayout) else None
+        query, key, value = self.project_content(hidden_states, query_states, layout)
+        if layout is not None:
+            key_mask = layout.key_mask
         pos_key = pos_query = None
         if self.pos_att_type:
             pos_key, pos_query = self.project_positions(rel_embeddings, relative)
@@ -359,4 +369,6 @@ class DebertaCustomSelfAttention(nn.Module):
             self.training
         )
         context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
+        if layout is not None:
+            context = layout.from_grid(context)  # [R, W, C] -> [T, C]
         return context, probs

@@ -60,6 +60,7 @@ from .modeling_deberta_custom import (
     DebertaCustomRTDHead,
     init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
 )
+from .padding import SequenceLayout  # noqa: F401  (named for transformers 4.x, see the attention imports above)
 
 RTD_AUTO_MAP = {**AUTO_MAP, "AutoModelForPreTraining": "modeling_rtd.DebertaCustomForRTDPreTraining"}
 
@@ -213,17 +214,24 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
     # --- the two networks ----------------------------------------------------------------------------------------
 
-    def generator_logits(self, input_ids, attention_mask, token_type_ids, position_ids, positions):
+    def generator_logits(self, input_ids, attention_mask, token_type_ids, position_ids, positions, layout="auto"):
         """The generator's vocabulary logits [K, V] at `positions` [K] (indices into the flattened [B * N] positions),
-        in training and evaluation alike, so that evaluation with a 128k vocabulary does not build [B, N, V]."""
-        _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
+        in training and evaluation alike, so that evaluation with a 128k vocabulary does not build [B, N, V].
+        layout: the batch's SequenceLayout, None (padded path) or "auto" (see DebertaCustomModel.sequence_layout)."""
+        _, sequence_output, layout = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                           sequence_layout=layout)
+        if layout is not None:  # [T, C] -> [B, N, C]: the positions count the input's places
+            sequence_output = layout.pad(sequence_output)
         sequence_output = sequence_output.flatten(0, 1).index_select(0, positions)  # [B, N, C] -> [K, C]
         return self.generator.lm_predictions.lm_head(sequence_output, self.generator.deberta.embeddings.word_embeddings)
 
-    def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+    def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, layout="auto"):
         """[B, N] replaced-token logits (> 0: replaced)."""
-        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
-        return self.mask_predictions(outputs.last_hidden_state)
+        if isinstance(layout, str):
+            layout = self.deberta.sequence_layout(input_ids, None, attention_mask, position_ids)
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                               sequence_layout=layout)
+        return self.mask_predictions(outputs.last_hidden_state, attention_mask, layout)
 
     @torch.no_grad()
     def sample_replacements(self, generator_logits: torch.Tensor) -> torch.Tensor:
@@ -252,15 +260,19 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         labels=None,
         return_dict=None,
         num_items_in_batch=None,
+        **kwargs,
     ):
+        """kwargs: the packing arguments of DataCollatorWithFlattening (see DebertaCustomModel.forward)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if input_ids is None:
             raise ValueError("RTD pretraining needs input_ids (replacements are token ids, not embeddings)")
+        # One layout (one host read) for the generator and the discriminator: they read the same tokens.
+        layout = self.deberta.sequence_layout(input_ids, None, attention_mask, position_ids, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
         if labels is None:  # detection only: is each token of this text replaced?
-            logits = self.discriminator_logits(input_ids, attention_mask, token_type_ids, position_ids)
+            logits = self.discriminator_logits(input_ids, attention_mask, token_type_ids, position_ids, layout)
             output = RTDPreTrainingOutput(logits=logits)
             return output if return_dict else output.to_tuple()
 
@@ -273,7 +285,8 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         predicted = targets != -100  # [K]: rows that hold a masked position
 
         # 1. Generator: masked-LM loss at masked positions.
-        generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions)
+        generator_logits = self.generator_logits(input_ids, attention_mask, token_type_ids, position_ids, positions,
+                                                 layout)
         mlm_sum = cross_entropy_sum(generator_logits, targets)
         mlm_loss = mean_over_items(mlm_sum, num_masked)
 
@@ -285,7 +298,8 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         rtd_labels = self.replaced_token_labels(discriminator_input_ids, input_ids, labels, attention_mask)
 
         # 3. Discriminator: binary cross-entropy over non-padding tokens.
-        logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids,
+                                           layout)
         counted = rtd_labels != -100
         num_counted = counted.sum()
         rtd_loss = mean_over_items(binary_cross_entropy_sum(logits, rtd_labels, counted), num_counted)

@@ -12,8 +12,8 @@ A `SequenceLayout` describes either kind once per forward. The token-wise layers
 feed-forward, LayerNorms, heads) run on the T real tokens, [T, C]; attention runs on a grid [R, W]: R sequences
 (padded batches: one per row, empty rows included) of up to W tokens, each sequence in its own grid row starting at
 column 0, so that relative positions count within the sequence and no sequence sees another. Moving between the
-three layouts is a row gather each way (no scatter): every output place names its source row, and places that hold
-no token name an appended zero row.
+three layouts is a row gather one way and a row copy into zeros the other (index_select / index_copy: both
+deterministic, on accelerators too).
 
 Host reads: a padded batch's T and W are data-dependent sizes, read on the host once per forward in
 `layout_from_attention_mask` (one `.tolist()` of two numbers: one device sync on accelerators, as flash-attn's and
@@ -36,9 +36,7 @@ class SequenceLayout(NamedTuple):
 
     token_index [T]: place of each real token in the flattened input [B * N], row-major (the order of the [T, C]
         token-wise tensors).
-    input_slot [B * N]: token of each input place, T (the zero row) at padding.
     grid_index [T]: place of each token in the flattened grid [R * W].
-    grid_slot [R * W]: token at each grid place, T where the grid holds none.
     key_mask [R, 1, 1, W]: True where a grid place holds a token (a row without any token attends to every place, as
         the padded path does, so that softmax stays finite; its outputs are never read).
     sequence_starts [R]: the token that starts each sequence (T for an empty row of a padded batch).
@@ -47,9 +45,7 @@ class SequenceLayout(NamedTuple):
         sequence, [R, ...], instead of once per row."""
 
     token_index: torch.Tensor
-    input_slot: torch.Tensor
     grid_index: torch.Tensor
-    grid_slot: torch.Tensor
     key_mask: torch.Tensor
     sequence_starts: torch.Tensor
     input_shape: tuple[int, int]
@@ -68,19 +64,33 @@ class SequenceLayout(NamedTuple):
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [B, N, ...], zeros at padding."""
-        return _with_zero_row(x).index_select(0, self.input_slot).view(*self.input_shape, *x.shape[1:])
+        batch, length = self.input_shape
+        padded = x.new_zeros(batch * length, *x.shape[1:]).index_copy(0, self.token_index, x)
+        return padded.view(batch, length, *x.shape[1:])
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [R, W, ...], zeros where the grid holds no token."""
-        return _with_zero_row(x).index_select(0, self.grid_slot).view(*self.grid_shape, *x.shape[1:])
+        rows, width = self.grid_shape
+        grid = x.new_zeros(rows * width, *x.shape[1:]).index_copy(0, self.grid_index, x)
+        return grid.view(rows, width, *x.shape[1:])
 
     def from_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[R, W, ...] -> [T, ...]."""
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.grid_index)
 
+    def unpad_positions(self, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[T] position ids of the real tokens: the given ones ([B, N], [1, N] or [N]), or by default the padded
+        path's (the column in the input) for a padded batch, and for a packed one the place within its sequence."""
+        if position_ids is not None:
+            return self.unpad(position_ids.reshape(-1, self.input_shape[1]))
+        if self.packed:
+            return torch.remainder(self.grid_index, self.grid_shape[1])
+        return torch.remainder(self.token_index, self.input_shape[1])
+
     def first_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [R, ...]: the first token of each sequence (zeros for an empty row)."""
-        return _with_zero_row(x).index_select(0, self.sequence_starts)
+        with_zero_row = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T + 1, ...]: index T reads zeros
+        return with_zero_row.index_select(0, self.sequence_starts)
 
     def first_token_of_each(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [T, ...]: for every token, the first token of its sequence."""
@@ -88,26 +98,19 @@ class SequenceLayout(NamedTuple):
         return x.index_select(0, self.sequence_starts.index_select(0, sequence))
 
 
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T + 1, ...]: index T reads zeros
-
-
 def _layout(token_index, rows, columns, input_shape, grid_shape, packed) -> SequenceLayout:
     """The layout of T tokens at `token_index` [T] in the input, placed at (rows, columns) [T] of the grid."""
     num_tokens, device = token_index.shape[0], token_index.device
-    batch, length = input_shape
     num_rows, width = grid_shape
-    tokens = torch.arange(num_tokens, device=device)
-    input_slot = torch.full((batch * length,), num_tokens, dtype=torch.long, device=device)
-    input_slot = input_slot.index_put((token_index,), tokens)
     grid_index = rows * width + columns
+    # the token at each grid place, T where there is none
     grid_slot = torch.full((num_rows * width,), num_tokens, dtype=torch.long, device=device)
-    grid_slot = grid_slot.index_put((grid_index,), tokens)
-    key_mask = (grid_slot != num_tokens).view(num_rows, width)
+    grid_slot = grid_slot.index_copy(0, grid_index, torch.arange(num_tokens, device=device)).view(num_rows, width)
+    key_mask = grid_slot != num_tokens
     key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
-    sequence_starts = grid_slot.view(num_rows, width)[:, 0]  # column 0 of every sequence is its first token
-    return SequenceLayout(token_index, input_slot, grid_index, grid_slot, key_mask[:, None, None, :],
-                          sequence_starts, input_shape, grid_shape, packed)
+    sequence_starts = grid_slot[:, 0]  # column 0 of every sequence is its first token
+    return SequenceLayout(token_index, grid_index, key_mask[:, None, None, :], sequence_starts, input_shape,
+                          grid_shape, packed)
 
 
 def _real_token_index(flat_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -148,10 +151,11 @@ def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_whe
 
 
 def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                             position_ids: bool) -> SequenceLayout:
+                             position_ids: bool) -> SequenceLayout | None:
     """The layout of a packed batch whose sequences are marked by restarting `position_ids` (position_ids=True) or by
     a sequence number per token (`seq_idx`, position_ids=False); ids [B, N] or [N]. Sequences never span rows; a
-    masked place inside a sequence stays a masked key. One host read (T, the number of sequences S and W)."""
+    masked place inside a sequence stays a masked key. None for one sequence without padding (nothing to unpad).
+    One host read (T, the number of sequences S and W)."""
     batch, length = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
     ids = ids.reshape(batch, length)
     mask = (torch.ones(batch, length, dtype=torch.bool, device=ids.device) if attention_mask is None
@@ -161,6 +165,8 @@ def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | N
     start_place = torch.where(starts, places, 0).cummax(0).values  # each place's latest start, flat
     span = torch.where(mask.flatten(), places - start_place + 1, 0)
     num_tokens, num_sequences, width = torch.stack([mask.sum(), starts.sum(), span.max()]).tolist()  # one read
+    if num_sequences == 1 and num_tokens == batch * length:
+        return None
     token_index = _real_token_index(mask.flatten(), num_tokens)
     rows = starts.long().cumsum(0).index_select(0, token_index) - 1  # sequence number of each token
     columns = token_index - start_place.index_select(0, token_index)
@@ -179,9 +185,10 @@ def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: 
     return _layout(tokens, rows, columns, (1, length), grid_shape, packed=True)
 
 
-def check_packing_kwargs(kwargs: dict, input_shape) -> None:
+def check_packing_kwargs(kwargs: dict, input_shape, check_values: bool = False) -> None:
     """Unknown keyword arguments are an error (a typo would otherwise be ignored); packing arguments must describe
-    one self-attention over a [1, T] input."""
+    one self-attention over a [1, T] input. With check_values (where reading them is free) cu_seq_lens_q must also
+    rise from 0 to T and equal cu_seq_lens_k."""
     unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
     if unknown:
         raise TypeError(f"Unexpected keyword arguments {unknown}: besides the usual inputs the model takes only the "
@@ -194,10 +201,19 @@ def check_packing_kwargs(kwargs: dict, input_shape) -> None:
     if (cu_q is None) != (kwargs.get("max_length_q") is None):
         raise ValueError("Pass cu_seq_lens_q together with max_length_q (DataCollatorWithFlattening's "
                          "return_flash_attn_kwargs=True returns both)")
-    if cu_k is not None and (cu_q is None or cu_k is not cu_q and not torch.equal(cu_k, cu_q)):
+    if cu_k is not None and (cu_q is None or cu_k.shape != cu_q.shape):
         raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q: DeBERTa's attention is self-attention")
     if cu_q is not None and (cu_q.dim() != 1 or cu_q.shape[0] < 2):
         raise ValueError(f"cu_seq_lens_q must be [number of sequences + 1], got shape {tuple(cu_q.shape)}")
+    if cu_q is not None and check_values:
+        cu_q = cu_q.long()
+        if int(cu_q[0]) != 0 or int(cu_q[-1]) != input_shape[-1] or bool((cu_q[1:] <= cu_q[:-1]).any()):
+            raise ValueError(f"cu_seq_lens_q must rise from 0 to the {input_shape[-1]} tokens of the input, got "
+                             f"{cu_q.tolist()}")
+        if cu_k is not None and not torch.equal(cu_k.long(), cu_q):
+            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q: DeBERTa's attention is self-attention")
+        if int(kwargs["max_length_q"]) != int((cu_q[1:] - cu_q[:-1]).max()):
+            raise ValueError(f"max_length_q={kwargs['max_length_q']} is not the longest sequence of cu_seq_lens_q")
     seq_idx = kwargs.get("seq_idx")
     if seq_idx is not None and seq_idx.shape[-1] != input_shape[-1]:
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but the input is {tuple(input_shape)}")
