@@ -124,6 +124,8 @@ def layout_from_attention_mask(attention_mask: torch.Tensor) -> SequenceLayout |
     no padding (the padded path is then the same work). One host read (T and W)."""
     mask = attention_mask.bool()
     batch, length = mask.shape
+    if mask.numel() == 0:
+        return None
     has_token = mask.any(-1)
     first = mask.to(torch.int8).argmax(-1)  # first real column of each row (0 for an empty row)
     last = length - 1 - mask.flip(-1).to(torch.int8).argmax(-1)
@@ -157,6 +159,8 @@ def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | N
     masked place inside a sequence stays a masked key. None for one sequence without padding (nothing to unpad).
     One host read (T, the number of sequences S and W)."""
     batch, length = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
+    if batch * length == 0:
+        return None
     ids = ids.reshape(batch, length)
     mask = (torch.ones(batch, length, dtype=torch.bool, device=ids.device) if attention_mask is None
             else attention_mask.bool())

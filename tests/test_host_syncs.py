@@ -35,8 +35,11 @@ HOST_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.m
 BOOLEAN_INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 # Reads that are free by design: value checks of inputs on CPU tensors (skipped for accelerator tensors), and the
 # relative-position bookkeeping, which reads a table it builds on the host (on accelerators it rebuilds it on CPU).
+# The one documented exception that also reads on accelerators: the sequence layout of an unpadded or packed batch
+# (padding.py) reads its sizes once per forward (tests/test_unpadding.py counts the layouts); on the meta device
+# padded batches take the padded path, which is what the meta tests below run.
 ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "check_prediction_budget",
-           "relative_positions"}
+           "relative_positions", "layout_from_attention_mask", "layout_from_sequence_ids", "check_packing_kwargs"}
 
 BATCH, LENGTH, CHOICES = 2, 10, 3  # 10 tokens > position_buckets / 2: the bucketed relative-position path too
 
