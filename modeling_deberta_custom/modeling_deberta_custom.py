@@ -695,9 +695,10 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
                                                        inputs_embeds, output_attentions, output_hidden_states, **kwargs)
         lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
         sparse = labels is not None and self.training and self.config.sparse_mlm_logits
-        targets = labels
         if labels is not None:
             check_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "labels")
+            labels = ignore_padding(labels, attention_mask)
+        targets = labels
         if sparse:
             if layout is not None:  # the positions below count the input's [B * N] places
                 sequence_output = layout.pad(sequence_output)
@@ -742,6 +743,12 @@ def on_real_tokens(head, hidden_states, layout=None):
     if layout is None:
         return head(hidden_states)
     return layout.pad(head(layout.unpad(hidden_states)))
+
+
+def ignore_padding(labels, attention_mask):
+    """Token labels with -100 at padding: padding never counts in a token-level loss (on the unpadded path its
+    outputs are zeros, on the padded path whatever the padding computed)."""
+    return labels if attention_mask is None else labels.masked_fill(~attention_mask.bool(), -100)
 
 
 def first_tokens(hidden_states, attention_mask=None, layout=None):
@@ -877,6 +884,7 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], self.num_labels, "labels")
+            labels = ignore_padding(labels, attention_mask)
             loss = mean_over_items(cross_entropy_sum(logits, labels), (labels != -100).sum(), num_items_in_batch)
         return _head_output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
