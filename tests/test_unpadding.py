@@ -276,3 +276,32 @@ def test_attention_probabilities_come_from_the_padded_path():
     with torch.no_grad():
         output = model(**inputs, output_attentions=True)
     assert output.attentions[0].shape == (3, model.config.num_attention_heads, LENGTH, LENGTH)
+
+
+def test_sift_on_unpadded_batches_equals_the_padded_path():
+    """SiFT perturbs the normalized embeddings: [T, C] when unpadded. With the padded run's perturbation at the real
+    tokens, the adversarial term and its gradients are the padded path's (padding positions are masked there)."""
+    from modeling_deberta_custom.sift import SiFTPerturbation, sift_loss
+
+    model = make(DebertaCustomForSequenceClassification, num_labels=3).train()
+    mask = MASKS["left"]
+    inputs = inputs_for(model, mask, train=True)
+    delta = torch.randn(*mask.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 1e-2
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for unpad in (False, True):
+        model.config.unpad_inputs = unpad
+        perturbation = SiFTPerturbation.install(model)
+        try:
+            term = sift_loss(model, inputs, model(**inputs), perturbation,
+                             delta=delta[mask.bool()] if unpad else delta)
+        finally:
+            perturbation.remove()
+        results.append((term, torch.autograd.grad(term, parameters, allow_unused=True)))
+    (padded, padded_grads), (unpadded, unpadded_grads) = results
+    torch.testing.assert_close(unpadded, padded, **TOLERANCE)
+    for expected, actual in zip(padded_grads, unpadded_grads, strict=True):
+        if expected is None:
+            assert actual is None
+        else:
+            torch.testing.assert_close(actual, expected, **TOLERANCE)
