@@ -96,4 +96,38 @@ def pack_documents(documents: Iterable[list[int]], block_size: int) -> list[dict
              "position_ids": [position for piece in block for position in range(len(piece))]} for block in blocks]
 
 
-__all__ = ["PackedCollator", "pack_documents", "packed_batch_from_padded", "split_documents"]
+def frame_documents(token_lists: Iterable[list[int]], block_size: int, cls_token_id: int,
+                    sep_token_id: int) -> list[list[int]]:
+    """Tokenized documents (without special tokens) -> [CLS] + piece + [SEP] for each piece of at most block_size - 2
+    tokens (a long document is cut); empty documents are dropped."""
+    if block_size < 3:
+        raise ValueError(f"block_size must be at least 3 ([CLS], one token, [SEP]), got {block_size}")
+    body = block_size - 2
+    return [[cls_token_id] + tokens[start:start + body] + [sep_token_id]
+            for tokens in token_lists for start in range(0, len(tokens), body)]
+
+
+def tokenize_and_pack(dataset, tokenizer, max_seq_length: int, num_proc: int | None = None,
+                      text_column: str = "text", batch_size: int = 1000):
+    """The document-keeping counterpart of pretraining.tokenize_and_group: a `datasets` Dataset (or DatasetDict) of
+    text lines, one document each -> blocks of up to max_seq_length tokens holding whole framed documents
+    ({"input_ids", "position_ids"}, see pack_documents), packed within each map batch of `batch_size` lines. Collate
+    them with PackedCollator."""
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise ValueError("The tokenizer needs [CLS] and [SEP] tokens to frame documents")
+
+    def tokenize(batch):
+        texts = [text for text in batch[text_column] if text and text.strip()]
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"] if texts else []
+        blocks = pack_documents(frame_documents(ids, max_seq_length, cls_id, sep_id), max_seq_length)
+        return {"input_ids": [b["input_ids"] for b in blocks], "position_ids": [b["position_ids"] for b in blocks]}
+
+    columns = next(iter(dataset.values())).column_names if hasattr(dataset, "values") else dataset.column_names
+    return dataset.map(tokenize, batched=True, batch_size=batch_size, num_proc=num_proc, remove_columns=columns,
+                       desc=f"Tokenizing and packing documents into blocks of {max_seq_length}")
+
+
+__all__ = ["PackedCollator", "frame_documents", "pack_documents", "packed_batch_from_padded", "split_documents",
+           "tokenize_and_pack"]

@@ -260,3 +260,42 @@ def test_trainer_trains_on_flattened_batches(head, tmp_path):
     model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True)
     _trainer_run(model, examples, DataCollatorWithFlattening(return_flash_attn_kwargs=True), tmp_path)
     assert shapes and all(shape[0] == 1 for shape in shapes)
+
+
+def test_pretrain_script_packs_documents(tmp_path):
+    """scripts/pretrain.py --pack_documents: blocks of whole documents, packed batches, RTD training and evaluation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the king and queen walked through the garden where roses were growing in the morning light".split()
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=generator))
+             for n in torch.randint(3, 40, (60,), generator=generator)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    backend.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=60, special_tokens=specials,
+                                                               unk_token="[UNK]"))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
+                                                                                                    ("[SEP]", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                            unk_token="[UNK]", mask_token="[MASK]").save_pretrained(tmp_path / "tokenizer")
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "pretrain.py"), "--model_preset", "tiny", "--objective",
+               "rtd", "--pack_documents", "--tokenizer", str(tmp_path / "tokenizer"), "--train_files",
+               str(tmp_path / "train.txt"), "--validation_split_percentage", "10", "--max_seq_length", "64",
+               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
+               "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1", "--use_cpu", "--report_to", "none",
+               "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    terms = json.loads((tmp_path / "out" / "pretraining_summary.json").read_text())["terms"]
+    assert {"train_mlm_loss", "train_rtd_loss", "eval_mlm_loss", "eval_rtd_loss"} <= set(terms)
