@@ -355,20 +355,27 @@ class DebertaCustomSelfAttention(nn.Module):
             query_states = hidden_states
         layout = key_mask if isinstance(key_mask, SequenceLayout) else None
         query, key, value = self.project_content(hidden_states, query_states, layout)
-        if layout is not None:
-            key_mask = layout.key_mask
-        pos_key = pos_query = None
-        if self.pos_att_type:
-            pos_key, pos_query = self.project_positions(rel_embeddings, relative)
-
-        implementation = self.config._attn_implementation
-        if output_attentions or implementation not in ATTENTION_FUNCTIONS:
-            implementation = "eager"
-        context, probs = ATTENTION_FUNCTIONS[implementation](
-            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
-            self.training
-        )
+        if layout is None:
+            context, probs = self.attend(query, key, value, key_mask, relative, rel_embeddings, output_attentions)
+        else:  # the grid, by groups of rows of similar length; `relative` holds one layout per group (padding.py)
+            context = layout.attend_by_group(
+                lambda q, k, v, mask, rel: self.attend(q, k, v, mask, rel, rel_embeddings)[0], query, key, value,
+                relative)
+            probs = None
         context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
         if layout is not None:
             context = layout.from_grid(context)  # [R, W, C] -> [T, C]
         return context, probs
+
+    def attend(self, query, key, value, key_mask, relative, rel_embeddings, output_attentions=False):
+        """The position projections and the attention implementation on [B, H, N, D] query / key / value."""
+        pos_key = pos_query = None
+        if self.pos_att_type:
+            pos_key, pos_query = self.project_positions(rel_embeddings, relative)
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation not in ATTENTION_FUNCTIONS:
+            implementation = "eager"
+        return ATTENTION_FUNCTIONS[implementation](
+            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
+            self.training
+        )

@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 # import y` lines, not theirs: attention_cpu.py (imported by attention.py) is named here for that alone
 # (tests/test_remote_code.py checks that every auto_map file names each wing file it reaches).
 from .attention import ATTENTION_FUNCTIONS, DebertaCustomSelfAttention, RelativePositions, relative_positions
-from .attention_cpu import cpu_kernels_apply  # noqa: F401  (see above)
+from .attention_cpu import cpu_kernels_apply  # (also read by sequence_layout: lengths are free on CPU)
 from .configuration_deberta_custom import DebertaCustomConfig
 from .loading import (
     CHECKPOINT_KEY_MAPPING,
@@ -199,15 +199,16 @@ class DebertaCustomEncoder(nn.Module):
 
     def attention_inputs(self, token_mask, hidden_states):
         """What every layer's attention reads, prepared once per forward: (key mask [B, 1, 1, N], or the batch's
-        SequenceLayout when token_mask is one, whose grid [R, W] attention then runs on; relative positions of a
-        sequence as long as the rows attention sees; the relative embedding table)."""
+        SequenceLayout when token_mask is one, whose grid attention then runs on group by group; relative positions
+        of a sequence as long as the rows attention sees, one per group of the layout; the relative embedding
+        table)."""
+        device = hidden_states.device
         if isinstance(token_mask, SequenceLayout):
-            key_mask, length = token_mask, token_mask.grid_shape[1]
-        else:
-            # A row with no real token attends to every position rather than to none, so that softmax stays finite.
-            key_mask = token_mask | ~token_mask.any(-1, keepdim=True)
-            key_mask, length = key_mask[:, None, None, :], hidden_states.shape[1]  # [B, N] -> [B, 1, 1, N]
-        return key_mask, self.relative_index(length, hidden_states.device), self.relative_embeddings()
+            relative = tuple(self.relative_index(width, device) for _, _, width in token_mask.groups)
+            return token_mask, relative, self.relative_embeddings()
+        # A row with no real token attends to every position rather than to none, so that softmax stays finite.
+        key_mask = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
+        return key_mask, self.relative_index(hidden_states.shape[1], device), self.relative_embeddings()
 
     def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
         """embeddings [B, N, C] with token_mask [B, N] (True at real tokens); or the real tokens [T, C] of an
@@ -495,15 +496,20 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         shape, device = tuple(reference.shape[:2]), reference.device
         cu_seq_lens, seq_idx = packing.get("cu_seq_lens_q"), packing.get("seq_idx")
         check_packing_kwargs(packing, shape, check_values=cu_seq_lens is not None and can_check_values(cu_seq_lens))
+        # On CPU attention runs by groups of similar length, which needs the lengths on the host (free there).
+        group = cpu_kernels_apply(device)
         if cu_seq_lens is not None:
             layout = None if cu_seq_lens.shape[0] == 2 else layout_from_cu_seq_lens(
-                cu_seq_lens.to(device), packing["max_length_q"], shape[1])
+                cu_seq_lens.to(device), packing["max_length_q"], shape[1], group_by_length=group)
         elif seq_idx is not None:
-            layout = layout_from_sequence_ids(seq_idx.to(device), attention_mask, position_ids=False)
+            layout = layout_from_sequence_ids(seq_idx.to(device), attention_mask, position_ids=False,
+                                              group_by_length=group)
         elif position_ids is not None and shape[0] == 1 and torch.device(device).type != "meta":
-            layout = layout_from_sequence_ids(position_ids, attention_mask, position_ids=True)
+            layout = layout_from_sequence_ids(position_ids, attention_mask, position_ids=True, group_by_length=group)
         elif self.config.unpad_inputs and attention_mask is not None and not output_attentions:
-            return layout_from_attention_mask(attention_mask) if _sizes_readable(device) else None
+            if not _sizes_readable(device):
+                return None
+            return layout_from_attention_mask(attention_mask, group_by_length=group)
         else:
             return None
         if layout is not None and output_attentions:
@@ -952,8 +958,8 @@ class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
         logits = torch.stack([start_logits, end_logits]).float()  # [2, B, N]
         if layout is not None and layout.packed:
             tokens = layout.unpad(logits.permute(1, 2, 0))  # [T, 2]
-            logits = layout.to_grid(tokens).permute(2, 0, 1)  # [2, S, W]
-            real = layout.to_grid(torch.ones_like(tokens[:, 0], dtype=torch.bool))  # [S, W]
+            logits = layout.by_sequence(layout.to_grid(tokens)).permute(2, 0, 1)  # [2, S, W]
+            real = layout.by_sequence(layout.to_grid(torch.ones_like(tokens[:, 0], dtype=torch.bool)))  # [S, W]
         elif attention_mask is not None:
             real = attention_mask.bool()
         else:

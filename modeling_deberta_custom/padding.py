@@ -26,20 +26,26 @@ This file is copied with the modeling file as remote code, so it imports only to
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 # The packing keyword arguments transformers' DataCollatorWithFlattening can add to a batch.
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 class SequenceLayout(NamedTuple):
-    """Where the T real tokens of a [B, N] input sit, and the attention grid [R, W] of its sequences.
+    """Where the T real tokens of a [B, N] input sit, and the attention grid [R, W] of its R sequences.
 
     token_index [T]: place of each real token in the flattened input [B * N], row-major (the order of the [T, C]
         token-wise tensors).
-    grid_index [T]: place of each token in the flattened grid [R * W].
+    grid_index [T]: place of each token in the flattened grid [R * W]. Each sequence fills a grid row from column 0.
     key_mask [R, 1, 1, W]: True where a grid place holds a token (a row without any token attends to every place, as
         the padded path does, so that softmax stays finite; its outputs are never read).
-    sequence_starts [R]: the token that starts each sequence (T for an empty row of a padded batch).
+    row_starts [R]: the token that starts each grid row (T for a row without tokens).
+    row_of_sequence [R]: the grid row of each sequence (sequences in input order: the rows of a padded batch, the
+        sequences of a packed one in turn). Where the lengths are read on the host (CPU) the grid rows are sorted from
+        the longest sequence to the shortest, so that attention can run by groups of similar length.
+    groups: ((first row, stop row, width), ...): the grid rows attention runs on, group by group, each cut to its
+        longest sequence (rows without tokens are in none); one group of the whole grid where lengths are unknown.
     input_shape (B, N), grid_shape (R, W): Python ints.
     packed: True when the rows hold several sequences (a packed batch): sequence-level heads then answer once per
         sequence, [R, ...], instead of once per row."""
@@ -47,7 +53,9 @@ class SequenceLayout(NamedTuple):
     token_index: torch.Tensor
     grid_index: torch.Tensor
     key_mask: torch.Tensor
-    sequence_starts: torch.Tensor
+    row_starts: torch.Tensor
+    row_of_sequence: torch.Tensor
+    groups: tuple
     input_shape: tuple[int, int]
     grid_shape: tuple[int, int]
     packed: bool
@@ -88,29 +96,95 @@ class SequenceLayout(NamedTuple):
         return torch.remainder(self.token_index, self.input_shape[1])
 
     def first_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, ...] -> [R, ...]: the first token of each sequence (zeros for an empty row)."""
+        """[T, ...] -> [R, ...]: the first token of each sequence, in input order (zeros for an empty row)."""
         with_zero_row = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T + 1, ...]: index T reads zeros
-        return with_zero_row.index_select(0, self.sequence_starts)
+        return with_zero_row.index_select(0, self.row_starts.index_select(0, self.row_of_sequence))
 
     def first_token_of_each(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [T, ...]: for every token, the first token of its sequence."""
-        sequence = torch.div(self.grid_index, self.grid_shape[1], rounding_mode="floor")  # [T]
-        return x.index_select(0, self.sequence_starts.index_select(0, sequence))
+        row = torch.div(self.grid_index, self.grid_shape[1], rounding_mode="floor")  # [T]
+        return x.index_select(0, self.row_starts.index_select(0, row))
+
+    def by_sequence(self, grid: torch.Tensor) -> torch.Tensor:
+        """[R, W, ...] grid rows -> [R, W, ...] with row r holding sequence r (input order)."""
+        return grid.index_select(0, self.row_of_sequence)
+
+    def attend_by_group(self, attend, query, key, value, relatives):
+        """Attention over the grid, group by group (see `groups`): attend(query, key, value, key_mask, relative) on
+        [rows, H, width, D] slices, `relatives` holding one relative-position layout per group. query / key / value
+        [R, H, W, D] -> context [R, H, W, D] (zeros past each group's width and in rows without tokens)."""
+        rows, width = self.grid_shape
+        if self.groups == ((0, rows, width),):
+            return attend(query, key, value, self.key_mask, relatives[0])
+        contexts = []
+        for (first, stop, group_width), relative in zip(self.groups, relatives, strict=True):
+            part = (slice(first, stop), slice(None), slice(0, group_width))
+            context = attend(query[part], key[part], value[part], self.key_mask[first:stop, ..., :group_width],
+                             relative)
+            contexts.append(F.pad(context, (0, 0, 0, width - group_width)))  # [rows in group, H, W, D]
+        context = torch.cat(contexts)
+        missing = rows - context.shape[0]  # rows without tokens, sorted last
+        return torch.cat([context, context.new_zeros(missing, *context.shape[1:])]) if missing else context
 
 
-def _layout(token_index, rows, columns, input_shape, grid_shape, packed) -> SequenceLayout:
-    """The layout of T tokens at `token_index` [T] in the input, placed at (rows, columns) [T] of the grid."""
+# Attention by groups (CPU): a group of `rows` grid rows cut to `width` costs about
+#     GROUP_OVERHEAD_PLACES + rows * width * (1 + width / QUADRATIC_SCALE)
+# grid places' worth of work. Measured for one layer's training attention (sdpa, fwd + bwd) at the DeBERTa-v3-base
+# geometry on the 2-core AMD EPYC (torch 2.13.0, one thread, CPU time): ~9 ms per call, ~13 us per grid place, ~0.6 us
+# per pair of places. Rows are grouped by a dynamic programme over the sorted lengths (up to MAX_PLANNED_ROWS rows;
+# beyond it, one group).
+GROUP_OVERHEAD_PLACES = 700
+QUADRATIC_SCALE = 22
+MAX_PLANNED_ROWS = 256
+
+
+def attention_groups(lengths: list[int]) -> tuple:
+    """Sequence lengths sorted from the longest (zeros last) -> the groups of rows (first, stop, width) of least
+    estimated attention cost (see above)."""
+    lengths = [n for n in lengths if n > 0]
+    count = len(lengths)
+    if count == 0:
+        return ()
+    if count > MAX_PLANNED_ROWS:
+        return ((0, count, lengths[0]),)
+    best, start = [0.0] + [float("inf")] * count, [0] * (count + 1)
+    for stop in range(1, count + 1):
+        for first in range(stop):
+            width = lengths[first]
+            cost = best[first] + GROUP_OVERHEAD_PLACES + (stop - first) * width * (1 + width / QUADRATIC_SCALE)
+            if cost < best[stop]:
+                best[stop], start[stop] = cost, first
+    groups, stop = [], count
+    while stop > 0:
+        groups.append((start[stop], stop, lengths[start[stop]]))
+        stop = start[stop]
+    return tuple(reversed(groups))
+
+
+def _layout(token_index, sequences, columns, input_shape, num_rows, width, packed, lengths=None) -> SequenceLayout:
+    """The layout of T tokens at `token_index` [T] in the input, token t being at column `columns[t]` of sequence
+    `sequences[t]` (sequences numbered in input order). `lengths`: each sequence's width in the grid, read on the
+    host, or None (unknown: grid rows in input order, one attention group)."""
     num_tokens, device = token_index.shape[0], token_index.device
-    num_rows, width = grid_shape
-    grid_index = rows * width + columns
+    if lengths is None:
+        row_of_sequence = torch.arange(num_rows, device=device)
+        groups = ((0, num_rows, width),)
+    else:
+        order = sorted(range(num_rows), key=lambda r: -lengths[r])  # stable: ties keep input order
+        rank = [0] * num_rows
+        for row, sequence in enumerate(order):
+            rank[sequence] = row
+        row_of_sequence = torch.tensor(rank, device=device)
+        groups = attention_groups([lengths[r] for r in order])
+    grid_index = row_of_sequence.index_select(0, sequences) * width + columns
     # the token at each grid place, T where there is none
     grid_slot = torch.full((num_rows * width,), num_tokens, dtype=torch.long, device=device)
     grid_slot = grid_slot.index_copy(0, grid_index, torch.arange(num_tokens, device=device)).view(num_rows, width)
     key_mask = grid_slot != num_tokens
     key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
-    sequence_starts = grid_slot[:, 0]  # column 0 of every sequence is its first token
-    return SequenceLayout(token_index, grid_index, key_mask[:, None, None, :], sequence_starts, input_shape,
-                          grid_shape, packed)
+    row_starts = grid_slot[:, 0]  # column 0 of every sequence is its first token
+    return SequenceLayout(token_index, grid_index, key_mask[:, None, None, :], row_starts, row_of_sequence, groups,
+                          input_shape, (num_rows, width), packed)
 
 
 def _real_token_index(flat_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -118,10 +192,11 @@ def _real_token_index(flat_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.sort(flat_mask.to(torch.int8), descending=True, stable=True).indices[:num_tokens]
 
 
-def layout_from_attention_mask(attention_mask: torch.Tensor) -> SequenceLayout | None:
-    """The layout of a padded batch [B, N]: row b of the grid holds the span of row b from its first to its last real
-    token (W: the longest span), so that relative positions are exactly the padded path's. None when the batch has
-    no padding (the padded path is then the same work). One host read (T and W)."""
+def layout_from_attention_mask(attention_mask: torch.Tensor, group_by_length: bool = False) -> SequenceLayout | None:
+    """The layout of a padded batch [B, N]: grid row b holds the span of row b from its first to its last real token
+    (W: the longest span), so that relative positions are exactly the padded path's. None when the batch has no
+    padding (the padded path is then the same work) or no real token. One host read: T and W, or with
+    group_by_length T and every row's span (for attention by groups; free on CPU, where it is used)."""
     mask = attention_mask.bool()
     batch, length = mask.shape
     if mask.numel() == 0:
@@ -129,14 +204,19 @@ def layout_from_attention_mask(attention_mask: torch.Tensor) -> SequenceLayout |
     has_token = mask.any(-1)
     first = mask.to(torch.int8).argmax(-1)  # first real column of each row (0 for an empty row)
     last = length - 1 - mask.flip(-1).to(torch.int8).argmax(-1)
-    span = torch.where(has_token, last - first + 1, 0)
-    num_tokens, width = torch.stack([mask.sum(), span.max()]).tolist()  # the one host read
-    if num_tokens == batch * length:
+    span = torch.where(has_token, last - first + 1, 0)  # [B]
+    if group_by_length:
+        num_tokens, *spans = torch.cat([mask.sum()[None], span]).tolist()  # the one host read
+        width = max(spans)
+    else:
+        num_tokens, width = torch.stack([mask.sum(), span.max()]).tolist()  # the one host read
+        spans = None
+    if num_tokens in (0, batch * length):
         return None
     token_index = _real_token_index(mask.flatten(), num_tokens)
     rows = torch.div(token_index, length, rounding_mode="floor")
     columns = token_index - rows * length - first.index_select(0, rows)
-    return _layout(token_index, rows, columns, (batch, length), (batch, max(width, 1)), packed=False)
+    return _layout(token_index, rows, columns, (batch, length), batch, width, packed=False, lengths=spans)
 
 
 def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_when_not_above: bool) -> torch.Tensor:
@@ -152,12 +232,12 @@ def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_whe
     return mask & ((previous < 0) | restart)
 
 
-def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                             position_ids: bool) -> SequenceLayout | None:
+def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | None, *, position_ids: bool,
+                             group_by_length: bool = False) -> SequenceLayout | None:
     """The layout of a packed batch whose sequences are marked by restarting `position_ids` (position_ids=True) or by
     a sequence number per token (`seq_idx`, position_ids=False); ids [B, N] or [N]. Sequences never span rows; a
     masked place inside a sequence stays a masked key. None for one sequence without padding (nothing to unpad).
-    One host read (T, the number of sequences S and W)."""
+    One host read: T, the number of sequences S and W, or with group_by_length every sequence's length."""
     batch, length = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
     if batch * length == 0:
         return None
@@ -168,25 +248,36 @@ def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | N
     places = torch.arange(batch * length, device=ids.device)
     start_place = torch.where(starts, places, 0).cummax(0).values  # each place's latest start, flat
     span = torch.where(mask.flatten(), places - start_place + 1, 0)
-    num_tokens, num_sequences, width = torch.stack([mask.sum(), starts.sum(), span.max()]).tolist()  # one read
-    if num_sequences == 1 and num_tokens == batch * length:
+    if group_by_length:  # each sequence's span, read where the next sequence starts (or at the end)
+        ends = torch.cat([starts[1:], starts.new_ones(1)]) & (span > 0)
+        num_tokens, *at_ends = torch.cat([mask.sum()[None], torch.where(ends, span, 0)]).tolist()  # the one read
+        lengths = [n for n in at_ends if n > 0]
+        num_sequences, width = len(lengths), max(lengths, default=0)
+    else:
+        num_tokens, num_sequences, width = torch.stack([mask.sum(), starts.sum(), span.max()]).tolist()  # one read
+        lengths = None
+    if num_tokens == 0 or (num_sequences == 1 and num_tokens == batch * length):
         return None
     token_index = _real_token_index(mask.flatten(), num_tokens)
-    rows = starts.long().cumsum(0).index_select(0, token_index) - 1  # sequence number of each token
+    sequences = starts.long().cumsum(0).index_select(0, token_index) - 1  # sequence number of each token
     columns = token_index - start_place.index_select(0, token_index)
-    return _layout(token_index, rows, columns, (batch, length), (num_sequences, max(width, 1)), packed=True)
+    return _layout(token_index, sequences, columns, (batch, length), num_sequences, width, packed=True,
+                   lengths=lengths)
 
 
-def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: int) -> SequenceLayout:
+def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: int,
+                            group_by_length: bool = False) -> SequenceLayout:
     """The layout of a packed batch [1, T] from its cumulative sequence lengths [S + 1] (0, l0, l0 + l1, ..., T) and
-    the longest length (a Python int, as DataCollatorWithFlattening returns it): no host read."""
+    the longest length (a Python int, as DataCollatorWithFlattening returns it): no host read (with group_by_length
+    the lengths are read: for CPU tensors, where that is free)."""
     device = cu_seq_lens.device
     cu_seq_lens = cu_seq_lens.long()
     tokens = torch.arange(length, device=device)
-    rows = torch.searchsorted(cu_seq_lens[1:], tokens, right=True)  # [T] sequence of each token
-    columns = tokens - cu_seq_lens.index_select(0, rows)
-    grid_shape = (cu_seq_lens.shape[0] - 1, max(int(max_length), 1))
-    return _layout(tokens, rows, columns, (1, length), grid_shape, packed=True)
+    sequences = torch.searchsorted(cu_seq_lens[1:], tokens, right=True)  # [T] sequence of each token
+    columns = tokens - cu_seq_lens.index_select(0, sequences)
+    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist() if group_by_length else None
+    return _layout(tokens, sequences, columns, (1, length), cu_seq_lens.shape[0] - 1, max(int(max_length), 1),
+                   packed=True, lengths=lengths)
 
 
 def check_packing_kwargs(kwargs: dict, input_shape, check_values: bool = False) -> None:
@@ -223,5 +314,5 @@ def check_packing_kwargs(kwargs: dict, input_shape, check_values: bool = False) 
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but the input is {tuple(input_shape)}")
 
 
-__all__ = ["PACKING_KWARGS", "SequenceLayout", "check_packing_kwargs", "layout_from_attention_mask",
-           "layout_from_cu_seq_lens", "layout_from_sequence_ids"]
+__all__ = ["PACKING_KWARGS", "SequenceLayout", "attention_groups", "check_packing_kwargs",
+           "layout_from_attention_mask", "layout_from_cu_seq_lens", "layout_from_sequence_ids"]

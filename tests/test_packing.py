@@ -8,6 +8,7 @@ import torch
 from conftest import perturb_parameters, tiny_config
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
+import modeling_deberta_custom.padding as padding
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
@@ -63,9 +64,17 @@ def gradients(model):
     return grads
 
 
+@pytest.fixture(params=["one_group", "groups"])
+def grouping(request, monkeypatch):
+    """Attention on CPU runs by groups of sequences of similar length: with no cost per group, one group per length."""
+    if request.param == "groups":
+        monkeypatch.setattr(padding, "GROUP_OVERHEAD_PLACES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("collator", sorted(COLLATORS))
 @pytest.mark.parametrize("variant", ["v3", "v1_conv"])
-def test_packed_sequences_equal_one_by_one_runs(variant, collator):
+def test_packed_sequences_equal_one_by_one_runs(variant, collator, grouping):
     """Hidden states and their gradients (through sum(h * w) with fixed random w) of every token."""
     overrides = {} if variant == "v3" else dict(
         attention_variant="v1", position_buckets=-1, share_att_key=False, norm_rel_ebd="none",
@@ -109,7 +118,7 @@ TOKEN_HEADS = [
 
 
 @pytest.mark.parametrize("head,overrides", TOKEN_HEADS, ids=[head.__name__ for head, _ in TOKEN_HEADS])
-def test_token_heads_answer_per_token(head, overrides):
+def test_token_heads_answer_per_token(head, overrides, grouping):
     model = make(head, **overrides)
     ids_list = sequences(model.config.vocab_size)
     with torch.no_grad():
@@ -143,7 +152,7 @@ def test_token_losses_equal_the_padded_batch():
             torch.testing.assert_close(gradient, expected_grads[name], **TOLERANCE, msg=name)
 
 
-def test_sequence_classification_answers_per_sequence():
+def test_sequence_classification_answers_per_sequence(grouping):
     """Logits [S, num_labels], one row per packed sequence (its first token pooled); labels [S]."""
     model = make(DebertaCustomForSequenceClassification, num_labels=3).train()
     ids_list = sequences(model.config.vocab_size)
@@ -163,7 +172,7 @@ def test_sequence_classification_answers_per_sequence():
         model(**packed([{"input_ids": ids} for ids in ids_list]), labels=labels[:3])
 
 
-def test_question_answering_answers_per_sequence():
+def test_question_answering_answers_per_sequence(grouping):
     """Start/end logits per token ([1, T]); the span loss runs over each sequence's own tokens, with positions
     counted from the sequence's first token."""
     model = make(DebertaCustomForQuestionAnswering, num_labels=2)
@@ -187,7 +196,7 @@ def test_multiple_choice_refuses_packed_batches():
         model(**batch)
 
 
-def test_rtd_pretraining_packed_equals_padded():
+def test_rtd_pretraining_packed_equals_padded(grouping):
     """Generator (EMD) and discriminator on a packed batch: the losses of the same sequences right-padded."""
     model = make(DebertaCustomForRTDPreTraining).train()
     ids_list = sequences(model.config.vocab_size)

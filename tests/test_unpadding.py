@@ -8,6 +8,7 @@ import torch
 from conftest import perturb_parameters, tiny_config
 
 import modeling_deberta_custom.modeling_deberta_custom as modeling
+import modeling_deberta_custom.padding as padding
 from modeling_deberta_custom import (
     DebertaCustomForMaskedLM,
     DebertaCustomForMultipleChoice,
@@ -18,7 +19,7 @@ from modeling_deberta_custom import (
     DebertaCustomForTokenClassification,
     DebertaCustomModel,
 )
-from modeling_deberta_custom.padding import layout_from_attention_mask
+from modeling_deberta_custom.padding import attention_groups, layout_from_attention_mask
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 LENGTH = 12  # > position_buckets / 2 = 4: the bucketed relative positions
@@ -142,9 +143,24 @@ HEADS = [
 ]
 
 
+@pytest.fixture(params=["one_group", "groups"])
+def grouping(request, monkeypatch):
+    """On CPU attention runs by groups of rows of similar length; at the tiny sizes here the planner keeps one group
+    unless a group costs nothing extra (then every length is a group of its own)."""
+    if request.param == "groups":
+        monkeypatch.setattr(padding, "GROUP_OVERHEAD_PLACES", 0)
+    return request.param
+
+
+def test_attention_groups():
+    assert attention_groups([12, 9, 5, 0]) == ((0, 3, 12),)  # one call beats three at these sizes
+    assert attention_groups([300, 40, 30, 20]) == ((0, 1, 300), (1, 4, 40))
+    assert attention_groups([]) == ()
+
+
 @pytest.mark.parametrize("mask_name", ["right", "left", "batch_of_one"])
 @pytest.mark.parametrize("head,overrides", HEADS, ids=[head.__name__ for head, _ in HEADS])
-def test_every_head_equals_the_padded_path(head, overrides, mask_name):
+def test_every_head_equals_the_padded_path(head, overrides, mask_name, grouping):
     model = make(head, **overrides)
     mask = MASKS[mask_name]
     for train in (False, True):
@@ -171,7 +187,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_layouts_and_attention_paths(variant, attn):
+def test_layouts_and_attention_paths(variant, attn, grouping):
     """The masked-LM (EMD where the layout has one) in training, and the base model's hidden states in inference,
     with left and right padding and holes in the mask."""
     model = make(DebertaCustomForMaskedLM, **VARIANTS[variant])
@@ -190,7 +206,7 @@ def test_layouts_and_attention_paths(variant, attn):
         assert_outputs_match(padded, unpadded, inputs)
 
 
-def test_conv_layer_stops_at_sequence_boundaries():
+def test_conv_layer_stops_at_sequence_boundaries(grouping):
     """Left padding puts a real token next to padding: the convolution must see zeros there, as the padded path does.
     A kernel of 5 over rows of 3 and 12 tokens reaches two places past each end."""
     model = make(DebertaCustomModel, conv_kernel_size=5, conv_act="gelu")
@@ -200,7 +216,7 @@ def test_conv_layer_stops_at_sequence_boundaries():
     assert_outputs_match(padded, unpadded, inputs)
 
 
-def test_fully_padded_row_holds_zeros_and_leaves_the_others_unchanged():
+def test_fully_padded_row_holds_zeros_and_leaves_the_others_unchanged(grouping):
     """A row without any real token (documented choice): its hidden states are zeros like every padding position,
     sequence-level heads read zeros for it (the classifier's bias), and the other rows equal the padded path."""
     mask = mask_of([12, 0, 5])
@@ -248,9 +264,9 @@ def test_one_layout_per_forward(monkeypatch):
     itself and hands it down (EMD, RTD pretraining: generator and discriminator share one)."""
     calls = []
 
-    def counting(mask):
+    def counting(mask, **kwargs):
         calls.append(1)
-        return layout_from_attention_mask(mask)
+        return layout_from_attention_mask(mask, **kwargs)
 
     monkeypatch.setattr(modeling, "layout_from_attention_mask", counting)
     for head, overrides in HEADS:
