@@ -496,8 +496,9 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         shape, device = tuple(reference.shape[:2]), reference.device
         cu_seq_lens, seq_idx = packing.get("cu_seq_lens_q"), packing.get("seq_idx")
         check_packing_kwargs(packing, shape, check_values=cu_seq_lens is not None and can_check_values(cu_seq_lens))
-        # On CPU attention runs by groups of similar length, which needs the lengths on the host (free there).
-        group = cpu_kernels_apply(device)
+        # On CPU attention runs by groups of similar length, which needs the lengths on the host (free there); not
+        # for FlexAttention, which compiles a kernel for every new width.
+        group = cpu_kernels_apply(device) and self.config._attn_implementation != "flex_attention"
         if cu_seq_lens is not None:
             layout = None if cu_seq_lens.shape[0] == 2 else layout_from_cu_seq_lens(
                 cu_seq_lens.to(device), packing["max_length_q"], shape[1], group_by_length=group)
