@@ -85,7 +85,9 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
     """Everything the attention layers need about relative positions (see RelativePositions); computed once per
     forward from the lengths, so that no layer repeats it. Only Python ints decide the branches: no host sync, and
     under torch.compile one graph serves every length."""
-    if not cpu_kernels_apply(device):  # the one branch into attention_cpu.py: its layouts, then its kernels
+    # The one branch into attention_cpu.py: its layouts here, then its kernels (sdpa_attention). flex_attention reads
+    # only `rows`, so it gets nothing else, on any device (no [Nq, Nk] index: attention memory stays linear in N).
+    if config._attn_implementation == "flex_attention" or not cpu_kernels_apply(device):
         return RelativePositions(relative_distance_rows(query_length, key_length, config, device), 0,
                                  2 * config.relative_span)
     if one_row_per_distance(query_length, key_length, config):
@@ -99,9 +101,31 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Key mask
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class KeyMask(NamedTuple):
+    """Which keys the queries attend, prepared once per forward and shared by every layer: `keys` [B, 1, 1, Nk]
+    (True = attend) and, for flex_attention, the same mask as FlexAttention blocks (flex_key_blocks), so that no
+    layer rebuilds it."""
+
+    keys: torch.Tensor
+    flex_blocks: object | None = None  # torch.nn.attention.flex_attention.BlockMask
+
+
+def prepare_key_mask(token_mask: torch.Tensor, implementation: str | None) -> KeyMask:
+    """[B, N] token mask (True = real token) -> the KeyMask of self-attention over those tokens. A row with no real
+    token attends to every position rather than to none, so that softmax stays finite."""
+    keys = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
+    blocks = flex_key_blocks(keys, token_mask.shape[-1]) if implementation == "flex_attention" else None
+    return KeyMask(keys, blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Disentangled attention
 #
-# Every implementation takes (query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training) and
+# Every implementation takes (query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training) and
 # returns (context [B, H, Nq, D], probabilities or None); DebertaCustomSelfAttention picks one from
 # ATTENTION_FUNCTIONS by config._attn_implementation. Speed tricks measured on CPU live in attention_cpu.py.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,58 +150,92 @@ def position_scores(query, key, pos_key, pos_query, relative, scale):
     return scores
 
 
-def eager_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
-    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V. key_mask
-    [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities [B, H, Nq, Nk]."""
+def eager_attention(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
+    """Reference path, the scores as the paper writes them: softmax(Q_c K_c^T + c2p + p2c, scaled) V, keys masked by
+    mask.keys [B, 1, 1, Nk] (True = attend). Returns the context [B, H, Nq, D] and the probabilities
+    [B, H, Nq, Nk]."""
     scores = torch.matmul(query * scale, key.transpose(-1, -2))  # c2c [B, H, Nq, Nk]
     position = position_scores(query, key, pos_key, pos_query, relative, scale)
     if position is not None:
         scores = scores + position
-    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~mask.keys, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, value), probs
 
 
-def sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+def sdpa_attention(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
     """torch's scaled_dot_product_attention with the position terms as its additive mask: the position scores built
     once per layer, one SDPA call (on CUDA its memory-efficient kernel: flash takes no bias). On CPU, run eagerly,
     the same values come from attention_cpu.cpu_sdpa_attention (layouts and tiles measured there). No
     probabilities."""
     dropout = dropout if training else 0.0
     if pos_key is None and pos_query is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout,
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.keys, dropout_p=dropout,
                                               scale=scale), None
     if relative.cpu is not None:  # prepared for attention_cpu.py's kernels (see relative_positions)
-        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout,
+        return cpu_sdpa_attention(query, key, value, pos_key, pos_query, relative, mask.keys, scale, dropout,
                                   training), None
     bias = position_scores(query, key, pos_key, pos_query, relative, scale)  # [B, H, Nq, Nk]
-    bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    bias = bias.masked_fill(~mask.keys, torch.finfo(bias.dtype).min)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale), None
 
 
-def _flex_attention_uncompiled():
+def flex_with_positions(query, key, value, c2p, p2c, rows, block_mask, scale):
+    """FlexAttention with the position terms added inside the kernel: score = q_i . k_j * scale + c2p[i, row] +
+    p2c[j, row], row = rows[i - j + Nk - 1], for the pairs block_mask lets through. c2p [B, H, Nq, R] and p2c
+    [B, H, Nk, R] may each be None; rows [Nq + Nk - 1] as in RelativePositions. Lengths need not be multiples of
+    the block size.
+
+    The score_mod closure is made here, from tensors passed in, so that compiled on its own (_compiled_flex_attention)
+    dynamo guards on these arguments only, not on a new Python closure, its cells and ints in every call."""
     from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5; imported only by this path
 
-    return flex_attention
+    if c2p is None and p2c is None:
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+    query_length = c2p.shape[-2] if c2p is not None else rows.shape[0] + 1 - p2c.shape[-2]
+    key_length = rows.shape[0] + 1 - query_length
+
+    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
+        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
+        # its reads inside the tensors.
+        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
+        row = rows[i - j + key_length - 1]
+        if c2p is not None:
+            score = score + c2p[batch, head, i, row]
+        return score if p2c is None else score + p2c[batch, head, j, row]
+
+    return flex_attention(query, key, value, score_mod=add_position_scores, block_mask=block_mask, scale=scale)
 
 
 # FlexAttention's key-block size: a block whose keys are all padding is skipped, one with no padding takes the fast
 # unmasked kernel, the rest apply the key mask element by element.
 FLEX_BLOCK_SIZE = 128
 
+# Cache entries dynamo may keep for the standalone compiled flex function (its default, 8 per function, is shared by
+# everything it guards on). Past the limit torch silently runs FlexAttention unfused, materialising every [N, N]
+# score. In a user's eager loop each combination of dtype, grad mode, batch size 1 or more, one key block or more
+# (and, on CPU, where shapes are static, every padded length and batch size) is an entry: 2 x 2 x 2 x 2 = 16 on a
+# GPU. On CPU a new shape costs a few seconds of compile, far less than the unfused path at long lengths.
+FLEX_RECOMPILE_LIMIT = 64
+
 
 @functools.cache
 def _compiled_flex_attention(dynamic: bool):
-    """torch's flex_attention compiled once per process (FlexAttention runs unfused, materialising every score,
-    unless compiled). dynamic=None on GPU: after the first shape one graph serves every batch size and length.
-    Static shapes on CPU, where inductor's flex kernel cannot take dynamic shapes (torch 2.13.0: see
-    FLEX_STATIC_ON_CPU)."""
-    return torch.compile(_flex_attention_uncompiled(), dynamic=None if dynamic else False)
+    """flex_with_positions compiled once per process, for calls outside torch.compile (FlexAttention runs unfused,
+    materialising every score, unless compiled). Dynamic shapes from the first call on GPU: one graph serves every
+    batch size above 1 and every length above one block. Static shapes on CPU, where inductor's flex kernel cannot
+    take dynamic shapes (torch 2.13.0: see FLEX_STATIC_ON_CPU). Its own recompile limit: FLEX_RECOMPILE_LIMIT."""
+    compiled = torch.compile(flex_with_positions, dynamic=dynamic, backend=FLEX_COMPILE_BACKEND)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    return torch._dynamo.config.patch(**{name: FLEX_RECOMPILE_LIMIT})(compiled)
 
+
+FLEX_COMPILE_BACKEND = "inductor"  # tests count compilations with another backend
 
 # Measured with torch 2.13.0 on CPU: torch.compile(flex_attention, dynamic=True) fails to build inductor's CPU kernel
-# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew (a few seconds) and dynamo's recompile limit applies.
+# (CppCompileError: "'cur_kvSplitSize7' was not declared in this scope"), so on CPU every new shape compiles anew
+# (a few seconds).
 FLEX_STATIC_ON_CPU = True
 
 
@@ -208,12 +266,21 @@ def padding_block_mask(key_mask, query_length):
                                     seq_lengths=(query_length, key_length))
 
 
-def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mask, scale, dropout, training):
+def flex_key_blocks(keys, query_length):
+    """The padding block mask (padding_block_mask) of keys [B, 1, 1, Nk] for flex_attention_path: on CPU for the
+    whole blocks that path runs on (padded keys False, never attended)."""
+    if keys.device.type == "cpu":
+        keys = F.pad(keys, (0, -keys.shape[-1] % FLEX_BLOCK_SIZE))
+        query_length += -query_length % FLEX_BLOCK_SIZE
+    return padding_block_mask(keys, query_length)
+
+
+def flex_attention_path(query, key, value, pos_key, pos_query, relative, mask, scale, dropout, training):
     """Fused path: torch's FlexAttention computes the content scores block by block and adds the position terms
     inside the kernel (score_mod), read from the compact products c2p [B, H, Nq, R] and p2c [B, H, Nk, R]; padding
-    is a block mask (padding_block_mask). No [Nq, Nk] tensor is built, so attention memory grows linearly with N,
-    forward and backward (FlexAttention's backward recomputes the scores and returns the products' gradients, since
-    torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
+    is a block mask (mask.flex_blocks, built once per forward by prepare_key_mask). No [Nq, Nk] tensor is built, so
+    attention memory grows linearly with N, forward and backward (FlexAttention's backward recomputes the scores and
+    returns the products' gradients, since torch 2.6). FlexAttention has no attention dropout, and torch has no FlexAttention backward on CPU: training
     needs attention_probs_dropout_prob=0 and a GPU. Inside torch.compile it joins the caller's graph; outside it runs
     compiled on its own. No probabilities."""
     if training and dropout > 0:
@@ -233,29 +300,21 @@ def flex_attention_path(query, key, value, pos_key, pos_query, relative, key_mas
     p2c = None if pos_query is None else torch.matmul(key * scale, pos_query.transpose(-1, -2))  # [B, H, Nk, R]
     query_length, key_length = query.shape[-2], key.shape[-2]
     rows = None if relative is None else relative.rows
-
-    def add_position_scores(score, batch, head, i, j):  # score = q_i . k_j * scale, for one pair
-        # The kernel also visits the padding of the last query and key blocks (masked or dropped afterwards): keep
-        # its reads inside the tensors.
-        i, j = torch.clamp(i, max=query_length - 1), torch.clamp(j, max=key_length - 1)
-        row = rows[i - j + key_length - 1]
-        if c2p is not None:
-            score = score + c2p[batch, head, i, row]
-        return score if p2c is None else score + p2c[batch, head, j, row]
-
-    score_mod = None if c2p is None and p2c is None else add_position_scores
     if query.device.type == "cpu":
         # torch 2.13.0's CPU kernel reads past the end of a partial last block (measured: wrong or NaN outputs at
-        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks.
-        query = F.pad(query, (0, 0, 0, -query_length % FLEX_BLOCK_SIZE))
-        key, value = (F.pad(t, (0, 0, 0, -key_length % FLEX_BLOCK_SIZE)) for t in (key, value))
-        key_mask = F.pad(key_mask, (0, -key_length % FLEX_BLOCK_SIZE))  # padded keys: False, never attended
-    block_mask = padding_block_mask(key_mask, query.shape[-2])
+        # lengths that are no multiple of the block size, varying from run to run): run it on whole blocks. The
+        # products and rows are padded too, so that the CPU's static-shape compiles depend on the block count only.
+        pad_query, pad_key = -query_length % FLEX_BLOCK_SIZE, -key_length % FLEX_BLOCK_SIZE
+        query, c2p = (None if t is None else F.pad(t, (0, 0, 0, pad_query)) for t in (query, c2p))
+        key, value, p2c = (None if t is None else F.pad(t, (0, 0, 0, pad_key)) for t in (key, value, p2c))
+        if rows is not None:  # the padded pairs' distances reach past both ends: they read the end rows
+            rows = torch.cat([rows[:1].expand(pad_key), rows, rows[-1:].expand(pad_query)])
+    block_mask = mask.flex_blocks if mask.flex_blocks is not None else flex_key_blocks(mask.keys, query_length)
     if torch.compiler.is_compiling():  # the caller's graph takes FlexAttention in
-        flex_attention = _flex_attention_uncompiled()
+        flex = flex_with_positions
     else:
-        flex_attention = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
-    context = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        flex = _compiled_flex_attention(dynamic=not (query.device.type == "cpu" and FLEX_STATIC_ON_CPU))
+    context = flex(query, key, value, c2p, p2c, rows, block_mask, scale)
     return context[:, :, :query_length], None
 
 
@@ -346,28 +405,28 @@ class DebertaCustomSelfAttention(nn.Module):
             pos_query = self.split_heads(query_proj(rel_embeddings))
         return pos_key, pos_query
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
-                output_attentions=False):
-        """key_mask [B, 1, 1, N] (True = attend) for hidden states [B, N, C]; or, for an unpadded batch, its
-        SequenceLayout (padding.py) with hidden states [T, C]: attention then runs on the layout's grid, whose
-        key mask it holds, and the context comes back as [T, C]."""
+    def forward(self, hidden_states, mask: KeyMask | SequenceLayout, relative=None, rel_embeddings=None,
+                query_states=None, output_attentions=False):
+        """mask: the KeyMask of hidden states [B, N, C]; or, for an unpadded batch, its SequenceLayout (padding.py)
+        with hidden states [T, C]: attention then runs on the layout's grid, group by group (the layout holds a
+        KeyMask and `relative` a RelativePositions per group), and the context comes back as [T, C]."""
         if query_states is None:
             query_states = hidden_states
-        layout = key_mask if isinstance(key_mask, SequenceLayout) else None
+        layout = mask if isinstance(mask, SequenceLayout) else None
         query, key, value = self.project_content(hidden_states, query_states, layout)
         if layout is None:
-            context, probs = self.attend(query, key, value, key_mask, relative, rel_embeddings, output_attentions)
-        else:  # the grid, by groups of rows of similar length; `relative` holds one layout per group (padding.py)
+            context, probs = self.attend(query, key, value, mask, relative, rel_embeddings, output_attentions)
+        else:
             context = layout.attend_by_group(
-                lambda q, k, v, mask, rel: self.attend(q, k, v, mask, rel, rel_embeddings)[0], query, key, value,
-                relative)
+                lambda q, k, v, group_mask, rel: self.attend(q, k, v, group_mask, rel, rel_embeddings)[0],
+                query, key, value, relative)
             probs = None
         context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
         if layout is not None:
             context = layout.from_grid(context)  # [R, W, C] -> [T, C]
         return context, probs
 
-    def attend(self, query, key, value, key_mask, relative, rel_embeddings, output_attentions=False):
+    def attend(self, query, key, value, mask: KeyMask, relative, rel_embeddings, output_attentions=False):
         """The position projections and the attention implementation on [B, H, N, D] query / key / value."""
         pos_key = pos_query = None
         if self.pos_att_type:
@@ -376,6 +435,6 @@ class DebertaCustomSelfAttention(nn.Module):
         if output_attentions or implementation not in ATTENTION_FUNCTIONS:
             implementation = "eager"
         return ATTENTION_FUNCTIONS[implementation](
-            query, key, value, pos_key, pos_query, relative, key_mask, self.scale, self.attention_dropout,
+            query, key, value, pos_key, pos_query, relative, mask, self.scale, self.attention_dropout,
             self.training
         )

@@ -37,7 +37,14 @@ from transformers.utils import ModelOutput
 # transformers 4.x copies out of a local folder only the siblings that the auto_map file itself names in `from .x
 # import y` lines, not theirs: attention_cpu.py (imported by attention.py) is named here for that alone
 # (tests/test_remote_code.py checks that every auto_map file names each wing file it reaches).
-from .attention import ATTENTION_FUNCTIONS, DebertaCustomSelfAttention, RelativePositions, relative_positions
+from .attention import (
+    ATTENTION_FUNCTIONS,
+    DebertaCustomSelfAttention,
+    KeyMask,
+    RelativePositions,
+    prepare_key_mask,
+    relative_positions,
+)
 from .attention_cpu import cpu_kernels_apply  # (also read by sequence_layout: lengths are free on CPU)
 from .configuration_deberta_custom import DebertaCustomConfig
 from .loading import (
@@ -111,9 +118,9 @@ class DebertaCustomAttention(nn.Module):
         self.self = DebertaCustomSelfAttention(config)
         self.output = DebertaCustomResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
-        context, probs = self.self(hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions)
+        context, probs = self.self(hidden_states, mask, relative, rel_embeddings, query_states, output_attentions)
         # The residual is the query: in EMD passes it is the decoder's query, not the keys.
         residual = hidden_states if query_states is None else query_states
         return self.output(context, residual), probs
@@ -136,10 +143,10 @@ class DebertaCustomLayer(GradientCheckpointingLayer):
         self.intermediate = DebertaCustomIntermediate(config)
         self.output = DebertaCustomResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states, key_mask, relative=None, rel_embeddings=None, query_states=None,
+    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
                 output_attentions=False):
         attention_output, probs = self.attention(
-            hidden_states, key_mask, relative, rel_embeddings, query_states, output_attentions
+            hidden_states, mask, relative, rel_embeddings, query_states, output_attentions
         )
         return self.output(self.intermediate(attention_output), attention_output), probs
 
@@ -197,31 +204,35 @@ class DebertaCustomEncoder(nn.Module):
             return None
         return relative_positions(length, length, self.config, device)
 
-    def attention_inputs(self, token_mask, hidden_states):
-        """What every layer's attention reads, prepared once per forward: (key mask [B, 1, 1, N], or the batch's
-        SequenceLayout when token_mask is one, whose grid attention then runs on group by group; relative positions
-        of a sequence as long as the rows attention sees, one per group of the layout; the relative embedding
-        table)."""
+    def key_mask(self, token_mask, output_attentions=False) -> KeyMask:
+        """The key mask of self-attention over [B, N] tokens (see KeyMask); with output_attentions the layers run
+        eager, which needs no FlexAttention blocks."""
+        return prepare_key_mask(token_mask, "eager" if output_attentions else self.config._attn_implementation)
+
+    def attention_inputs(self, token_mask, hidden_states, output_attentions=False):
+        """What every layer's attention reads, prepared once per forward: (the KeyMask of [B, N] tokens, or for an
+        unpadded batch its SequenceLayout holding a KeyMask per attention group; relative positions of a sequence as
+        long as the rows attention sees, one per group of a layout; the relative embedding table)."""
         device = hidden_states.device
         if isinstance(token_mask, SequenceLayout):
-            relative = tuple(self.relative_index(width, device) for _, _, width in token_mask.groups)
-            return token_mask, relative, self.relative_embeddings()
-        # A row with no real token attends to every position rather than to none, so that softmax stays finite.
-        key_mask = (token_mask | ~token_mask.any(-1, keepdim=True))[:, None, None, :]  # [B, N] -> [B, 1, 1, N]
-        return key_mask, self.relative_index(hidden_states.shape[1], device), self.relative_embeddings()
+            layout = token_mask.with_group_masks(self.key_mask)
+            relative = tuple(self.relative_index(width, device) for _, _, width in layout.groups)
+            return layout, relative, self.relative_embeddings()
+        mask = self.key_mask(token_mask, output_attentions)
+        return mask, self.relative_index(hidden_states.shape[1], device), self.relative_embeddings()
 
     def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
         """embeddings [B, N, C] with token_mask [B, N] (True at real tokens); or the real tokens [T, C] of an
         unpadded batch with its SequenceLayout in place of the mask: every layer then runs on [T, C] and attention
-        on the layout's grid [R, W] (padding.py)."""
+        on the layout's grid (padding.py)."""
         # Once per forward, shared by every layer: the key mask, relative positions and the relative table.
-        key_mask, relative, rel_embeddings = self.attention_inputs(token_mask, embeddings)
+        mask, relative, rel_embeddings = self.attention_inputs(token_mask, embeddings, output_attentions)
 
         all_hidden_states = (embeddings,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         hidden_states = embeddings
         for i, layer in enumerate(self.layer):
-            hidden_states, probs = layer(hidden_states, key_mask, relative, rel_embeddings,
+            hidden_states, probs = layer(hidden_states, mask, relative, rel_embeddings,
                                          output_attentions=output_attentions)
             if i == 0 and self.conv is not None:
                 hidden_states = self.conv(embeddings, hidden_states, token_mask)
@@ -636,11 +647,12 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         encoder = self.deberta.encoder
         context = hidden_states[-2]  # keys and values: the second-to-last layer
         query = context + self.deberta.embeddings.position_embeddings(position_ids)
-        key_mask, rel_index, rel_embeddings = encoder.attention_inputs(token_mask, context)
+        # the decoder's own (once per forward, shared by its passes)
+        mask, rel_index, rel_embeddings = encoder.attention_inputs(token_mask, context)
         last_layer = encoder.layer[-1]
         for _ in range(self.config.emd_num_passes):
             # Positional: reentrant gradient checkpointing only re-feeds positional tensors to the recomputation.
-            query, _ = last_layer(context, key_mask, rel_index, rel_embeddings, query)
+            query, _ = last_layer(context, mask, rel_index, rel_embeddings, query)
         return query
 
     def decode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,

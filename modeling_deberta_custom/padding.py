@@ -48,7 +48,9 @@ class SequenceLayout(NamedTuple):
         longest sequence (rows without tokens are in none); one group of the whole grid where lengths are unknown.
     input_shape (B, N), grid_shape (R, W): Python ints.
     packed: True when the rows hold several sequences (a packed batch): sequence-level heads then answer once per
-        sequence, [R, ...], instead of once per row."""
+        sequence, [R, ...], instead of once per row.
+    group_masks: what attention reads as the key mask of each group, made once per forward by the encoder
+        (with_group_masks); empty until then."""
 
     token_index: torch.Tensor
     grid_index: torch.Tensor
@@ -59,6 +61,7 @@ class SequenceLayout(NamedTuple):
     input_shape: tuple[int, int]
     grid_shape: tuple[int, int]
     packed: bool
+    group_masks: tuple = ()
 
     @property
     def num_tokens(self) -> int:
@@ -109,18 +112,23 @@ class SequenceLayout(NamedTuple):
         """[R, W, ...] grid rows -> [R, W, ...] with row r holding sequence r (input order)."""
         return grid.index_select(0, self.row_of_sequence)
 
+    def with_group_masks(self, make_mask) -> "SequenceLayout":
+        """This layout with group_masks: make_mask(keys) for each group's [rows, width] bool key mask."""
+        masks = tuple(make_mask(self.key_mask[first:stop, 0, 0, :width]) for first, stop, width in self.groups)
+        return self._replace(group_masks=masks)
+
     def attend_by_group(self, attend, query, key, value, relatives):
-        """Attention over the grid, group by group (see `groups`): attend(query, key, value, key_mask, relative) on
-        [rows, H, width, D] slices, `relatives` holding one relative-position layout per group. query / key / value
-        [R, H, W, D] -> context [R, H, W, D] (zeros past each group's width and in rows without tokens)."""
+        """Attention over the grid, group by group (see `groups`): attend(query, key, value, mask, relative) on
+        [rows, H, width, D] slices, with the group's mask (group_masks) and relative positions (`relatives`, one per
+        group). query / key / value [R, H, W, D] -> context [R, H, W, D] (zeros past each group's width and in rows
+        without tokens)."""
         rows, width = self.grid_shape
         if self.groups == ((0, rows, width),):
-            return attend(query, key, value, self.key_mask, relatives[0])
+            return attend(query, key, value, self.group_masks[0], relatives[0])
         contexts = []
-        for (first, stop, group_width), relative in zip(self.groups, relatives, strict=True):
+        for (first, stop, group_width), mask, relative in zip(self.groups, self.group_masks, relatives, strict=True):
             part = (slice(first, stop), slice(None), slice(0, group_width))
-            context = attend(query[part], key[part], value[part], self.key_mask[first:stop, ..., :group_width],
-                             relative)
+            context = attend(query[part], key[part], value[part], mask, relative)
             contexts.append(F.pad(context, (0, 0, 0, width - group_width)))  # [rows in group, H, W, D]
         context = torch.cat(contexts)
         missing = rows - context.shape[0]  # rows without tokens, sorted last

@@ -22,6 +22,7 @@ from torch.profiler import profile
 
 from modeling_deberta_custom import DebertaCustomForMaskedLM, DebertaCustomModel, attention, attention_cpu
 from modeling_deberta_custom.attention import (
+    KeyMask,
     eager_attention,
     position_scores,
     relative_position_index,
@@ -275,7 +276,7 @@ def test_fast_attention_function_with_unequal_lengths(monkeypatch, query_length,
     pos_query = pos_query if "p2c" in terms else None
     key_mask = torch.ones(batch, 1, 1, key_length, dtype=torch.bool)
     key_mask[0, ..., -1] = key_mask[1, ..., 0] = False
-    args = (query, key, value, pos_key, pos_query, relative, key_mask, 0.2, 0.0, False)
+    args = (query, key, value, pos_key, pos_query, relative, KeyMask(key_mask), 0.2, 0.0, False)
     expected, probs = eager_attention(*args)
     actual, _ = sdpa_attention(*args)
     assert_close(actual, expected, "context")
@@ -391,7 +392,7 @@ def test_training_saves_no_square_tensor_beyond_sdpa(length):
     baseline = saved_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(
         *inputs, attn_mask=opaque_bias, dropout_p=0.1))
     ours = {ptr: size for ptr, size in saved_bytes(lambda: sdpa_attention(
-        *inputs, *tables, relative, key_mask, 0.2, 0.1, True)).items() if ptr not in known}
+        *inputs, *tables, relative, KeyMask(key_mask), 0.2, 0.1, True)).items() if ptr not in known}
     square = batch * heads * length * length * 4
     extra = sum(ours.values()) - sum(baseline.values())
     assert max(ours.values()) <= square, f"saves a tensor of {max(ours.values())} bytes ([B, H, N, N] is {square})"
