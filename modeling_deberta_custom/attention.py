@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention_cpu import CpuLayout, cpu_kernels_apply, cpu_layout_of, cpu_sdpa_attention, one_row_per_distance
 from .configuration_deberta_custom import DebertaCustomConfig
+from .padding import SequenceLayout
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Relative positions
@@ -361,19 +362,22 @@ class DebertaCustomSelfAttention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-2, -3)  # [..., N, C] -> [..., H, N, D]
 
-    def project_content(self, hidden_states, query_states):
-        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D]."""
+    def project_content(self, hidden_states, query_states, layout=None):
+        """Query from query_states (EMD passes a different one), key and value from hidden_states; each [B, H, N, D].
+        With a SequenceLayout the states are the real tokens [T, C]: projected there, then laid out on its grid
+        ([R, W, C], B = R and N = W below)."""
+        grid = (lambda x: x) if layout is None else layout.to_grid
         if not self.fused_projection:
             return (
-                self.split_heads(self.query_proj(query_states)),
-                self.split_heads(self.key_proj(hidden_states)),
-                self.split_heads(self.value_proj(hidden_states)),
+                self.split_heads(grid(self.query_proj(query_states))),
+                self.split_heads(grid(self.key_proj(hidden_states))),
+                self.split_heads(grid(self.value_proj(hidden_states))),
             )
         # The module is called (not its weight read), so that adapters wrapping in_proj (LoRA) take part.
-        fused = self.in_proj(hidden_states)  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
+        fused = grid(self.in_proj(hidden_states))  # [B, N, 3 * H * D], rows interleaved per head as [q_h, k_h, v_h]
         fused = fused.view(*fused.shape[:-1], self.num_heads, 3, self.head_size)  # [B, N, H, 3, D]
         if query_states is not hidden_states:  # EMD: the query comes from other states
-            query = self.in_proj(query_states).view(*query_states.shape[:-1], *fused.shape[-3:])[..., 0, :]
+            query = grid(self.in_proj(query_states)).view(*fused.shape)[..., 0, :]
         else:
             query = fused[..., 0, :]
         biases = (self.q_bias.view(self.num_heads, self.head_size), self.v_bias.view(self.num_heads, self.head_size))
@@ -401,21 +405,36 @@ class DebertaCustomSelfAttention(nn.Module):
             pos_query = self.split_heads(query_proj(rel_embeddings))
         return pos_key, pos_query
 
-    def forward(self, hidden_states, mask: KeyMask, relative=None, rel_embeddings=None, query_states=None,
-                output_attentions=False):
+    def forward(self, hidden_states, mask: KeyMask | SequenceLayout, relative=None, rel_embeddings=None,
+                query_states=None, output_attentions=False):
+        """mask: the KeyMask of hidden states [B, N, C]; or, for an unpadded batch, its SequenceLayout (padding.py)
+        with hidden states [T, C]: attention then runs on the layout's grid, group by group (the layout holds a
+        KeyMask and `relative` a RelativePositions per group), and the context comes back as [T, C]."""
         if query_states is None:
             query_states = hidden_states
-        query, key, value = self.project_content(hidden_states, query_states)
+        layout = mask if isinstance(mask, SequenceLayout) else None
+        query, key, value = self.project_content(hidden_states, query_states, layout)
+        if layout is None:
+            context, probs = self.attend(query, key, value, mask, relative, rel_embeddings, output_attentions)
+        else:
+            context = layout.attend_by_group(
+                lambda q, k, v, group_mask, rel: self.attend(q, k, v, group_mask, rel, rel_embeddings)[0],
+                query, key, value, relative)
+            probs = None
+        context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
+        if layout is not None:
+            context = layout.from_grid(context)  # [R, W, C] -> [T, C]
+        return context, probs
+
+    def attend(self, query, key, value, mask: KeyMask, relative, rel_embeddings, output_attentions=False):
+        """The position projections and the attention implementation on [B, H, N, D] query / key / value."""
         pos_key = pos_query = None
         if self.pos_att_type:
             pos_key, pos_query = self.project_positions(rel_embeddings, relative)
-
         implementation = self.config._attn_implementation
         if output_attentions or implementation not in ATTENTION_FUNCTIONS:
             implementation = "eager"
-        context, probs = ATTENTION_FUNCTIONS[implementation](
+        return ATTENTION_FUNCTIONS[implementation](
             query, key, value, pos_key, pos_query, relative, mask, self.scale, self.attention_dropout,
             self.training
         )
-        context = context.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, C]
-        return context, probs

@@ -121,6 +121,16 @@ class DebertaCustomConfig(PretrainedConfig):
         embedding_size (`int`, None): width of the word embeddings; None means hidden_size, otherwise a linear
             `embed_proj` maps it to hidden_size.
 
+    Speed:
+        unpad_inputs (`bool`, True): for padded batches (an attention_mask with zeros), run every token-wise layer
+            (embeddings, projections, feed-forward, LayerNorms, heads) on the real tokens only, and attention on the
+            sequences laid out side by side (modeling_deberta_custom/padding.py). Outputs keep their padded shapes
+            and, at real tokens, the padded path's values; padding positions of the hidden states hold zeros. Costs
+            one host read per forward (the number of real tokens: a device sync on accelerators). Where values
+            cannot be read (the meta device, torch.compile, torch.export, TorchScript tracing) and with
+            output_attentions the padded path runs. Packed batches (DataCollatorWithFlattening) always run
+            padding-free, whatever this says.
+
     Heads:
         pooler_hidden_size (`int`, None), pooler_hidden_act (`str`, "gelu"), pooler_dropout (`float`, 0.0): the
             context pooler (first token -> dropout -> dense -> activation) of sequence-level heads.
@@ -195,6 +205,7 @@ class DebertaCustomConfig(PretrainedConfig):
         rtd_loss_weight=50.0,
         rtd_mask_probability=0.15,
         rtd_sampling_temperature=1.0,
+        unpad_inputs=True,
         pad_token_id=0,
         **kwargs,
     ):
@@ -239,6 +250,7 @@ class DebertaCustomConfig(PretrainedConfig):
         self.rtd_loss_weight = rtd_loss_weight
         self.rtd_mask_probability = rtd_mask_probability
         self.rtd_sampling_temperature = rtd_sampling_temperature
+        self.unpad_inputs = unpad_inputs
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.validate_fields()
 
@@ -262,7 +274,7 @@ class DebertaCustomConfig(PretrainedConfig):
         """The config as transformers' DebertaV2Config (or DebertaConfig for v1) reads it, every field explicit."""
         official = self.to_dict()
         for field in ("attention_variant", "use_enhanced_mask_decoder", "emd_num_passes", "sparse_mlm_logits",
-                      "sparse_mlm_max_fraction",
+                      "sparse_mlm_max_fraction", "unpad_inputs",
                       "auto_map", "architectures", "transformers_version") + tuple(
                           k for k in official if k.startswith("rtd_")):
             official.pop(field, None)
@@ -348,6 +360,7 @@ class DebertaCustomConfig(PretrainedConfig):
         require(self.rtd_loss_weight >= 0, "rtd_loss_weight", "must be non-negative")
         require(0.0 < self.rtd_mask_probability < 1.0, "rtd_mask_probability", "must be in (0, 1)")
         require(self.rtd_sampling_temperature > 0, "rtd_sampling_temperature", "must be positive")
+        require(isinstance(self.unpad_inputs, bool), "unpad_inputs", "must be True or False")
 
     def validate_structure(self):
         """Raise ValueError naming the first field whose value does not fit the others (heads that do not divide the

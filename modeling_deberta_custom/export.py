@@ -19,6 +19,7 @@ exporting; the shape checks still run on the sample but leave nothing in the gra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -199,6 +200,19 @@ def _shape_grid(config, task, lengths, batch_sizes):
     return [(b, n) for n in checked for b in batch_sizes], skipped
 
 
+@contextlib.contextmanager
+def _padded_path(model: nn.Module):
+    """Exported graphs hold the padded path (tracing and export cannot read sizes, so unpadding is off there): the
+    eager reference runs it too, so that the outputs compare at padding positions and fully padded rows as well."""
+    config = model.config
+    unpad = config.unpad_inputs
+    config.unpad_inputs = False
+    try:
+        yield
+    finally:
+        config.unpad_inputs = unpad
+
+
 @torch.no_grad()
 def onnx_max_abs_diff(model: nn.Module, path_or_session, task: str | None = None,
                       lengths: Iterable[int] = (5, 17, 40, 100), batch_sizes: Iterable[int] = (1, 3),
@@ -213,7 +227,8 @@ def onnx_max_abs_diff(model: nn.Module, path_or_session, task: str | None = None
     diffs = {}
     for i, (batch, length) in enumerate(grid):
         inputs = sample_inputs(model.config, task, batch, length, seed=seed + i, empty_row=True)
-        expected = model(**inputs, return_dict=True)
+        with _padded_path(model):
+            expected = model(**inputs, return_dict=True)
         got = session.run(list(output_names), {name: inputs[name].numpy() for name in names})
         diffs[(batch, length)] = max(
             float((torch.from_numpy(g) - expected[name].float()).abs().max()) for name, g in zip(output_names, got, strict=True)
@@ -248,6 +263,8 @@ def program_max_abs_diff(model: nn.Module, program, task: str | None = None,
     diffs = {}
     for i, (batch, length) in enumerate(grid):
         inputs = sample_inputs(model.config, task, batch, length, seed=seed + i, empty_row=True)
-        expected, got = model(**inputs, return_dict=True), module(**inputs)
+        with _padded_path(model):
+            expected = model(**inputs, return_dict=True)
+        got = module(**inputs)
         diffs[(batch, length)] = max(float((got[name] - expected[name]).abs().max()) for name in output_names)
     return diffs

@@ -45,7 +45,7 @@ from .attention import (
     prepare_key_mask,
     relative_positions,
 )
-from .attention_cpu import cpu_kernels_apply  # noqa: F401  (see above)
+from .attention_cpu import cpu_kernels_apply  # (also read by sequence_layout: lengths are free on CPU)
 from .configuration_deberta_custom import DebertaCustomConfig
 from .loading import (
     CHECKPOINT_KEY_MAPPING,
@@ -68,6 +68,13 @@ from .losses import (
     left_out_labels,
     mean_over_items,
     prediction_positions,
+)
+from .padding import (
+    SequenceLayout,
+    check_packing_kwargs,
+    layout_from_attention_mask,
+    layout_from_cu_seq_lens,
+    layout_from_sequence_ids,
 )
 
 try:  # transformers >= 5: these initialisers skip tensors that were loaded from a checkpoint
@@ -158,10 +165,20 @@ class DebertaCustomConvLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, embeddings, layer_output, token_mask):
-        # token_mask: [B, N, 1] in the hidden dtype, 0 at padding
-        conv_output = self.conv(embeddings.transpose(1, 2)).transpose(1, 2) * token_mask  # [B, N, C]
-        conv_output = self.activation(self.dropout(conv_output))
-        return self.LayerNorm(layer_output + conv_output) * token_mask
+        """token_mask [B, N] (True at real tokens); or, for the real tokens [T, C] of an unpadded batch, its
+        SequenceLayout: the convolution then runs over each sequence on the layout's grid, which holds zeros past
+        the sequence's ends as the padded path does."""
+        layout = token_mask if isinstance(token_mask, SequenceLayout) else None
+        if layout is not None:
+            embeddings = layout.to_grid(embeddings)  # [T, C] -> [R, W, C]
+        conv_output = self.conv(embeddings.transpose(1, 2)).transpose(1, 2)  # [B, N, C]
+        if layout is not None:
+            conv_output = layout.from_grid(conv_output)  # [R, W, C] -> [T, C]
+        else:
+            token_mask = token_mask[..., None].to(conv_output.dtype)  # [B, N, 1], 0 at padding
+            conv_output = conv_output * token_mask
+        output = self.LayerNorm(layer_output + self.activation(self.dropout(conv_output)))
+        return output if layout is not None else output * token_mask
 
 
 class DebertaCustomEncoder(nn.Module):
@@ -193,11 +210,24 @@ class DebertaCustomEncoder(nn.Module):
         eager, which needs no FlexAttention blocks."""
         return prepare_key_mask(token_mask, "eager" if output_attentions else self.config._attn_implementation)
 
-    def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
-        # Once per forward, shared by every layer: the key mask, relative positions and the relative table.
+    def attention_inputs(self, token_mask, hidden_states, output_attentions=False):
+        """What every layer's attention reads, prepared once per forward: (the KeyMask of [B, N] tokens, or for an
+        unpadded batch its SequenceLayout holding a KeyMask per attention group; relative positions of a sequence as
+        long as the rows attention sees, one per group of a layout; the relative embedding table)."""
+        device = hidden_states.device
+        if isinstance(token_mask, SequenceLayout):
+            layout = token_mask.with_group_masks(self.key_mask)
+            relative = tuple(self.relative_index(width, device) for _, _, width in layout.groups)
+            return layout, relative, self.relative_embeddings()
         mask = self.key_mask(token_mask, output_attentions)
-        relative = self.relative_index(embeddings.shape[1], embeddings.device)
-        rel_embeddings = self.relative_embeddings()
+        return mask, self.relative_index(hidden_states.shape[1], device), self.relative_embeddings()
+
+    def forward(self, embeddings, token_mask, output_attentions=False, output_hidden_states=False):
+        """embeddings [B, N, C] with token_mask [B, N] (True at real tokens); or the real tokens [T, C] of an
+        unpadded batch with its SequenceLayout in place of the mask: every layer then runs on [T, C] and attention
+        on the layout's grid (padding.py)."""
+        # Once per forward, shared by every layer: the key mask, relative positions and the relative table.
+        mask, relative, rel_embeddings = self.attention_inputs(token_mask, embeddings, output_attentions)
 
         all_hidden_states = (embeddings,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -206,7 +236,7 @@ class DebertaCustomEncoder(nn.Module):
             hidden_states, probs = layer(hidden_states, mask, relative, rel_embeddings,
                                          output_attentions=output_attentions)
             if i == 0 and self.conv is not None:
-                hidden_states = self.conv(embeddings, hidden_states, token_mask[..., None].to(hidden_states.dtype))
+                hidden_states = self.conv(embeddings, hidden_states, token_mask)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -238,7 +268,9 @@ class DebertaCustomEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, token_mask):
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, token_mask=None):
+        """Ids [B, N] (or inputs_embeds [B, N, E]) -> [B, N, C], zeros where token_mask [B, N] is False; the real
+        tokens of an unpadded batch, [T] -> [T, C], come without a mask."""
         embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.position_biased_input:
             embeddings = embeddings + self.position_embeddings(position_ids)
@@ -246,7 +278,9 @@ class DebertaCustomEmbeddings(nn.Module):
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.config.word_embedding_size != self.config.hidden_size:
             embeddings = self.embed_proj(embeddings)
-        embeddings = self.LayerNorm(embeddings) * token_mask[..., None].to(embeddings.dtype)
+        embeddings = self.LayerNorm(embeddings)
+        if token_mask is not None:
+            embeddings = embeddings * token_mask[..., None].to(embeddings.dtype)
         return self.dropout(embeddings)
 
 
@@ -285,6 +319,15 @@ def _check_attention_mask_values(attention_mask):
             raise ValueError("attention_mask must hold only 0 and 1")
 
 
+def _sizes_readable(device) -> bool:
+    """Whether a data-dependent size may be read on the host: not on the meta device (no values) and not while
+    compiling, exporting or tracing (a graph that serves every batch cannot depend on one batch's values). Where
+    not, padded batches take the padded path."""
+    tracing = (torch.compiler.is_compiling() or torch.jit.is_tracing()
+               or getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)())
+    return torch.device(device).type != "meta" and not tracing
+
+
 class DebertaCustomPreTrainedModel(PreTrainedModel):
     config_class = DebertaCustomConfig
     base_model_prefix = "deberta"
@@ -299,6 +342,9 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
     saved_auto_map = AUTO_MAP
     # Whether this class holds RTD pretraining's generator (and loads such folders as they are, without merging).
     holds_rtd_generator = False
+    # Explicit, as every forward takes **kwargs (the packing arguments of DataCollatorWithFlattening): transformers'
+    # Trainer would otherwise read them as loss kwargs and pass num_items_in_batch. Heads that use it say True.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: DebertaCustomConfig, *inputs, **kwargs):
         config.validate_structure()  # the config accepted any sizes; a model refuses those it cannot be built with
@@ -425,19 +471,20 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         if token_type_ids is not None and config.type_vocab_size > 0:
             _check_integer_ids("token_type_ids", token_type_ids, config.type_vocab_size,
                                f"type_vocab_size={config.type_vocab_size}")
-        if config.position_biased_input:
+        if config.position_biased_input and position_ids is not None:
             limit = config.max_position_embeddings
-            if position_ids is None and shape[1] > limit:
-                raise ValueError(
-                    f"Sequence length {shape[1]} exceeds max_position_embeddings={limit}: this model adds absolute "
-                    "positions at the input; truncate the input"
-                )
-            if position_ids is not None:
-                _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
+            _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
         return shape
 
-    def _default_position_ids(self, length, device):
-        return torch.arange(length, device=device)[None, :]  # [1, N], broadcast over the batch
+    def _default_position_ids(self, length, device, layout=None, why="this model adds absolute positions at the input"):
+        """[1, N] positions 0..N-1, broadcast over the batch (a packed batch's restart with each sequence: see
+        SequenceLayout.unpad_positions). The longest sequence must fit max_position_embeddings."""
+        longest = layout.grid_shape[1] if layout is not None and layout.packed else length
+        limit = self.config.max_position_embeddings
+        if longest > limit:
+            raise ValueError(f"Sequence length {longest} exceeds max_position_embeddings={limit}: {why}; truncate the "
+                             "input")
+        return torch.arange(length, device=device)[None, :]
 
 
 class DebertaCustomModel(DebertaCustomPreTrainedModel):
@@ -453,6 +500,40 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings.word_embeddings = new_embeddings
 
+    def sequence_layout(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                        output_attentions=False, **packing) -> SequenceLayout | None:
+        """How a forward lays out its tokens (padding.py): a SequenceLayout for a packed batch (cu_seq_lens_q with
+        max_length_q, seq_idx, or a batch of one whose position_ids restart), or for a padded batch when
+        config.unpad_inputs allows it; None for the padded path. At most one host read. Heads that use the layout
+        themselves build it here and pass it to forward(sequence_layout=...), so the mask is read once."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
+            return None  # forward's input checks name the problem
+        shape, device = tuple(reference.shape[:2]), reference.device
+        cu_seq_lens, seq_idx = packing.get("cu_seq_lens_q"), packing.get("seq_idx")
+        check_packing_kwargs(packing, shape, check_values=cu_seq_lens is not None and can_check_values(cu_seq_lens))
+        # On CPU attention runs by groups of similar length, which needs the lengths on the host (free there); not
+        # for FlexAttention, which compiles a kernel for every new width.
+        group = cpu_kernels_apply(device) and self.config._attn_implementation != "flex_attention"
+        if cu_seq_lens is not None:
+            layout = None if cu_seq_lens.shape[0] == 2 else layout_from_cu_seq_lens(
+                cu_seq_lens.to(device), packing["max_length_q"], shape[1], group_by_length=group)
+        elif seq_idx is not None:
+            layout = layout_from_sequence_ids(seq_idx.to(device), attention_mask, position_ids=False,
+                                              group_by_length=group)
+        elif position_ids is not None and shape[0] == 1 and torch.device(device).type != "meta":
+            layout = layout_from_sequence_ids(position_ids, attention_mask, position_ids=True, group_by_length=group)
+        elif self.config.unpad_inputs and attention_mask is not None and not output_attentions:
+            if not _sizes_readable(device):
+                return None
+            return layout_from_attention_mask(attention_mask, group_by_length=group)
+        else:
+            return None
+        if layout is not None and output_attentions:
+            raise ValueError("output_attentions is not available for packed batches (several sequences in one row): "
+                             "run the sequences as a padded batch to get [B, H, N, N] probabilities")
+        return layout
+
     def forward(
         self,
         input_ids=None,
@@ -463,7 +544,12 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        sequence_layout="auto",
+        **kwargs,
     ):
+        """kwargs: the packing arguments of DataCollatorWithFlattening (cu_seq_lens_q/k, max_length_q/k, seq_idx).
+        sequence_layout: "auto" (decided here by `sequence_layout`), or what a head decided: a SequenceLayout or None
+        (the padded path). Outputs keep the input's [B, N, ...] shapes either way, zeros at padding when unpadded."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -471,17 +557,32 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         batch, length = self._validate_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         device = input_ids.device if input_ids is not None else inputs_embeds.device
-
-        token_mask = (
-            torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        )
-        if position_ids is None:
-            position_ids = self._default_position_ids(length, device)
+        layout = sequence_layout
+        if isinstance(layout, str):
+            layout = self.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids, output_attentions,
+                                          **kwargs)
         if token_type_ids is None and self.config.type_vocab_size > 0:
             token_type_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
 
-        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, token_mask)
-        outputs = self.encoder(embeddings, token_mask, output_attentions, output_hidden_states)
+        given_positions = position_ids
+        if position_ids is None and self.config.position_biased_input:
+            position_ids = self._default_position_ids(length, device, layout)
+        if layout is None:
+            token_mask = (torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None
+                          else attention_mask.bool())
+            embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, token_mask)
+            outputs = self.encoder(embeddings, token_mask, output_attentions, output_hidden_states)
+            return outputs if return_dict else outputs.to_tuple()
+        # Unpadded: the real tokens [T] in, [T, C] through every layer, padded back to [B, N, C] at the end.
+        input_ids, token_type_ids, inputs_embeds = (None if t is None else layout.unpad(t)
+                                                    for t in (input_ids, token_type_ids, inputs_embeds))
+        position_ids = None if position_ids is None else layout.unpad_positions(given_positions)  # [T]
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        outputs = self.encoder(embeddings, layout, output_attentions, output_hidden_states)
+        outputs = BaseModelOutput(
+            last_hidden_state=layout.pad(outputs.last_hidden_state),
+            hidden_states=None if outputs.hidden_states is None else tuple(map(layout.pad, outputs.hidden_states)),
+        )
         return outputs if return_dict else outputs.to_tuple()
 
 
@@ -553,13 +654,13 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         return embeddings
 
     def enhanced_mask_decoder(self, hidden_states, token_mask, position_ids):
-        """hidden_states: all layer outputs from the encoder. Returns the final decoder pass [B, N, C]."""
+        """hidden_states: all layer outputs from the encoder, [B, N, C] with token_mask [B, N]; or the real tokens
+        [T, C] with the batch's SequenceLayout as token_mask and position_ids [T]. Returns the final decoder pass."""
         encoder = self.deberta.encoder
         context = hidden_states[-2]  # keys and values: the second-to-last layer
         query = context + self.deberta.embeddings.position_embeddings(position_ids)
-        mask = encoder.key_mask(token_mask)  # the decoder's own (once per forward, shared by its passes)
-        rel_index = encoder.relative_index(context.shape[1], context.device)
-        rel_embeddings = encoder.relative_embeddings()
+        # the decoder's own (once per forward, shared by its passes)
+        mask, rel_index, rel_embeddings = encoder.attention_inputs(token_mask, context)
         last_layer = encoder.layer[-1]
         for _ in range(self.config.emd_num_passes):
             # Positional: reentrant gradient checkpointing only re-feeds positional tensors to the recomputation.
@@ -567,31 +668,41 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         return query
 
     def decode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-               output_attentions=None, output_hidden_states=None):
-        """Backbone, then the Enhanced Mask Decoder where it applies: (backbone outputs, hidden states [B, N, C] that
-        the LM head reads)."""
+               output_attentions=None, output_hidden_states=None, sequence_layout="auto", **kwargs):
+        """Backbone, then the Enhanced Mask Decoder where it applies: (backbone outputs, hidden states that the LM head
+        reads, the SequenceLayout or None). Those hidden states are [B, N, C] on the padded path, the real tokens
+        [T, C] with a layout (see DebertaCustomModel.forward for sequence_layout and kwargs)."""
+        layout = sequence_layout
+        if isinstance(layout, str):
+            layout = self.deberta.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids,
+                                                  output_attentions, **kwargs)
         use_emd = self.config.uses_enhanced_mask_decoder
         outputs = self.deberta(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=True if use_emd else output_hidden_states,
             return_dict=True,
+            sequence_layout=layout,
         )
         if not use_emd:
-            return outputs, outputs.last_hidden_state
+            states = outputs.last_hidden_state
+            return outputs, (states if layout is None else layout.unpad(states)), layout
         batch, length = outputs.last_hidden_state.shape[:2]
         device = outputs.last_hidden_state.device
         limit = self.config.max_position_embeddings
+        given_positions = position_ids
         if position_ids is None:
-            if length > limit:
-                raise ValueError(f"Sequence length {length} exceeds max_position_embeddings={limit}, which the "
-                                 "Enhanced Mask Decoder needs for absolute positions; truncate the input")
-            position_ids = self._default_position_ids(length, device)
+            position_ids = self._default_position_ids(
+                length, device, layout, why="the Enhanced Mask Decoder needs absolute positions")
         else:
             _check_integer_ids("position_ids", position_ids, limit, f"max_position_embeddings={limit}")
+        if layout is not None:  # the decoder runs on the real tokens, as the encoder did
+            states = [layout.unpad(h) for h in outputs.hidden_states[-2:]]
+            position_ids = layout.unpad_positions(given_positions)  # [T]
+            return outputs, self.enhanced_mask_decoder(states, layout, position_ids), layout
         token_mask = (attention_mask.bool() if attention_mask is not None
                       else torch.ones(batch, length, dtype=torch.bool, device=device))
-        return outputs, self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids)
+        return outputs, self.enhanced_mask_decoder(outputs.hidden_states, token_mask, position_ids), None
 
     def sparse_logits_and_loss(self, sequence_output, labels, positions):
         """Vocabulary logits [R, V] only at `positions` [R] (from `prediction_positions`: the labelled positions first,
@@ -627,29 +738,36 @@ class DebertaCustomForMaskedLM(DebertaCustomPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         num_items_in_batch=None,
+        **kwargs,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         sparse = labels is not None and self.training and self.config.sparse_mlm_logits
+        if labels is not None:
+            input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            check_labels(labels, input_shape, self.config.vocab_size, "labels")
+            labels = ignore_padding(labels, attention_mask)
         # Chosen before the backbone runs: eager mode reads the number of labels on the host, and that device sync
         # costs least while little work is queued (on an H200, base, one after the encoder cost 17% of the step).
         positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction) if sparse else None  # [R]
-        outputs, sequence_output = self.decode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                               output_attentions, output_hidden_states)
-        lm_head, word_embeddings = self.lm_predictions.lm_head, self.deberta.embeddings.word_embeddings
+        outputs, sequence_output, layout = self.decode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                       inputs_embeds, output_attentions, output_hidden_states, **kwargs)
+        loss_sum = None
+        if sparse:
+            if layout is not None:  # [T, C] -> [B, N, C]: the positions count the input's [B * N] places
+                sequence_output = layout.pad(sequence_output)
+            logits, loss_sum = self.sparse_logits_and_loss(sequence_output, labels, positions)  # [R, V]
+        else:
+            logits = self.lm_predictions.lm_head(sequence_output, self.deberta.embeddings.word_embeddings)
+            if layout is not None:
+                logits = layout.pad(logits)  # [T, V] -> [B, N, V], zeros at padding
+            if labels is not None:
+                loss_sum = cross_entropy_sum(logits, labels)
         loss = None
         if labels is not None:
-            check_labels(labels, sequence_output.shape[:2], self.config.vocab_size, "labels")
-            if sparse:
-                logits, loss_sum = self.sparse_logits_and_loss(sequence_output, labels, positions)  # [R, V]
-            else:
-                logits = lm_head(sequence_output, word_embeddings)  # [B, N, V]
-                loss_sum = cross_entropy_sum(logits, labels)
             loss = mean_over_items(loss_sum, (labels != -100).sum(), num_items_in_batch)
-        else:
-            logits = lm_head(sequence_output, word_embeddings)
 
         hidden_states = outputs.hidden_states if output_hidden_states else None
         result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions)
@@ -673,6 +791,31 @@ def _resize_vector(module, name, new_size):
     new[:keep] = old.data[:keep]
     setattr(module, name, nn.Parameter(new))
 
+
+
+def on_real_tokens(head, hidden_states, layout=None):
+    """A token-wise head on [B, N, C] -> [B, N, ...]; with a SequenceLayout it runs on the real tokens only and the
+    padding positions of its output hold zeros."""
+    if layout is None:
+        return head(hidden_states)
+    return layout.pad(head(layout.unpad(hidden_states)))
+
+
+def ignore_padding(labels, attention_mask):
+    """Token labels with -100 at padding: padding never counts in a token-level loss (on the unpadded path its
+    outputs are zeros, on the padded path whatever the padding computed)."""
+    return labels if attention_mask is None else labels.masked_fill(~attention_mask.bool(), -100)
+
+
+def first_tokens(hidden_states, attention_mask=None, layout=None):
+    """What sequence-level heads read: the first real token ([CLS]) of each row, [B, 1, C] (position 0 unless the batch
+    is left-padded; a row without any real token reads position 0), or of each sequence of a packed batch, [S, 1, C]."""
+    if layout is not None and layout.packed:
+        return layout.first_tokens(layout.unpad(hidden_states))[:, None]
+    if attention_mask is None:
+        return hidden_states[:, :1]
+    first = attention_mask.to(torch.int8).argmax(-1)  # [B]: the first real column
+    return hidden_states.gather(1, first[:, None, None].expand(-1, 1, hidden_states.shape[-1]))
 
 
 class DebertaCustomContextPooler(nn.Module):
@@ -718,11 +861,20 @@ class DebertaCustomForSequenceClassification(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        **kwargs,
     ):
+        """A packed batch (DataCollatorWithFlattening) gets one answer per sequence: logits [S, num_labels], labels
+        [S] (its first token pooled)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.deberta.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids,
+                                              output_attentions, **kwargs)
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states, return_dict=True)
-        logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))  # [B, num_labels]
+                               output_attentions, output_hidden_states, return_dict=True, sequence_layout=layout)
+        pooled = self.pooler(first_tokens(outputs.last_hidden_state, attention_mask, layout))
+        logits = self.classifier(self.dropout(pooled))  # [B, num_labels], or [S, num_labels] packed
+        if labels is not None and layout is not None and layout.packed and labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"A packed batch of {logits.shape[0]} sequences takes one label per packed sequence, "
+                             f"[{logits.shape[0]}, ...]; got labels of shape {tuple(labels.shape)}")
         loss = None if labels is None else self.sequence_classification_loss(logits, labels)
         return _head_output(SequenceClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
@@ -777,20 +929,26 @@ class DebertaCustomForTokenClassification(DebertaCustomPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         num_items_in_batch=None,
+        **kwargs,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.deberta.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids,
+                                              output_attentions, **kwargs)
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states, return_dict=True)
-        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # [B, N, num_labels]
+                               output_attentions, output_hidden_states, return_dict=True, sequence_layout=layout)
+        logits = on_real_tokens(lambda h: self.classifier(self.dropout(h)), outputs.last_hidden_state, layout)
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], self.num_labels, "labels")
+            labels = ignore_padding(labels, attention_mask)
             loss = mean_over_items(cross_entropy_sum(logits, labels), (labels != -100).sum(), num_items_in_batch)
         return _head_output(TokenClassifierOutput, return_dict, outputs, loss=loss, logits=logits)
 
 
 class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
-    """Span extraction: start and end logits per token. Positions outside the sequence are ignored in the loss."""
+    """Span extraction: start and end logits per token. The span softmax runs over each sequence's real tokens;
+    positions outside the sequence, or on padding, are ignored in the loss. In a packed batch (DataCollatorWithFlattening)
+    start_positions / end_positions [S] count from each sequence's first token."""
 
     def __init__(self, config: DebertaCustomConfig):
         super().__init__(config)
@@ -812,29 +970,51 @@ class DebertaCustomForQuestionAnswering(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        **kwargs,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.deberta.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids,
+                                              output_attentions, **kwargs)
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states, return_dict=True)
-        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)  # 2 x [B, N]
+                               output_attentions, output_hidden_states, return_dict=True, sequence_layout=layout)
+        start_logits, end_logits = on_real_tokens(self.qa_outputs, outputs.last_hidden_state, layout).unbind(-1)
         loss = None
         if (start_positions is None) != (end_positions is None):
             raise ValueError("Pass both start_positions and end_positions, or neither")
         if start_positions is not None:
-            length = start_logits.shape[1]
+            spans, real = self.spans(start_logits, end_logits, attention_mask, layout)  # [2, rows, length]
+            rows, length = real.shape
             positions = []
             for name, value in (("start_positions", start_positions), ("end_positions", end_positions)):
                 if value.is_floating_point():
                     raise TypeError(f"{name} must be integer token positions, got dtype {value.dtype}")
                 value = value.reshape(-1)
-                if value.shape[0] != start_logits.shape[0]:
-                    raise ValueError(f"{name} has {value.shape[0]} entries for a batch of {start_logits.shape[0]}")
+                if value.shape[0] != rows:
+                    raise ValueError(f"{name} has {value.shape[0]} entries for {rows} "
+                                     f"{'packed sequences' if layout is not None and layout.packed else 'rows'}")
                 value = value.clamp(0, length)  # as transformers: below 0 -> 0; past the window -> ignored
-                positions.append(value.masked_fill(value == length, -100))  # the answer is not in this window
+                on_token = F.pad(real, (0, 1)).gather(1, value[:, None])[:, 0]  # [rows]: not padding, in the window
+                positions.append(value.masked_fill(~on_token, -100))  # the answer is not in this window
             loss = sum(mean_over_items(cross_entropy_sum(logits, target), (target != -100).sum())
-                       for logits, target in zip((start_logits, end_logits), positions, strict=True)) / 2
+                       for logits, target in zip(spans, positions, strict=True)) / 2
         return _head_output(QuestionAnsweringModelOutput, return_dict, outputs, loss=loss, start_logits=start_logits,
                             end_logits=end_logits)
+
+    @staticmethod
+    def spans(start_logits, end_logits, attention_mask, layout):
+        """The rows the span softmax runs over: (start and end logits [2, rows, length] in float32 with every place that
+        holds no real token at the lowest value, real [rows, length] bool). A packed batch's rows are its sequences,
+        laid out from their first token (the layout's grid)."""
+        logits = torch.stack([start_logits, end_logits]).float()  # [2, B, N]
+        if layout is not None and layout.packed:
+            tokens = layout.unpad(logits.permute(1, 2, 0))  # [T, 2]
+            logits = layout.by_sequence(layout.to_grid(tokens)).permute(2, 0, 1)  # [2, S, W]
+            real = layout.by_sequence(layout.to_grid(torch.ones_like(tokens[:, 0], dtype=torch.bool)))  # [S, W]
+        elif attention_mask is not None:
+            real = attention_mask.bool()
+        else:
+            real = torch.ones_like(start_logits, dtype=torch.bool)
+        return logits.masked_fill(~real, torch.finfo(logits.dtype).min), real
 
 
 class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
@@ -859,8 +1039,12 @@ class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        **kwargs,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if any(value is not None for value in kwargs.values()):
+            raise ValueError(f"Multiple choice does not take packed batches (got {sorted(kwargs)}): each choice is a "
+                             "row of [batch, num_choices, length] input")
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
@@ -883,7 +1067,8 @@ class DebertaCustomForMultipleChoice(DebertaCustomPreTrainedModel):
         outputs = self.deberta(flatten(input_ids), flatten(attention_mask), flatten(token_type_ids),
                                flatten(position_ids), flatten(inputs_embeds), output_attentions,
                                output_hidden_states, return_dict=True)
-        logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))  # [B * K, 1]
+        pooled = self.pooler(first_tokens(outputs.last_hidden_state, flatten(attention_mask)))
+        logits = self.classifier(self.dropout(pooled))  # [B * K, 1]
         logits = logits.view(batch, num_choices)
         loss = None
         if labels is not None:
@@ -903,9 +1088,17 @@ class DebertaCustomRTDHead(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, 1)
 
-    def forward(self, hidden_states):
-        hidden_states = self.LayerNorm(hidden_states + hidden_states[:, :1])
-        return self.classifier(self.activation(self.dense(hidden_states))).squeeze(-1)  # [B, N]
+    def forward(self, hidden_states, attention_mask=None, layout=None):
+        """[B, N, C] -> [B, N] logits. h[CLS] is the first real token of each row, or of each sequence of a packed
+        batch; with a SequenceLayout the head runs on the real tokens only (zeros at padding)."""
+        if layout is None:
+            return self.token_logits(hidden_states, first_tokens(hidden_states, attention_mask))
+        tokens = layout.unpad(hidden_states)  # [T, C]
+        return layout.pad(self.token_logits(tokens, layout.first_token_of_each(tokens)))
+
+    def token_logits(self, hidden_states, cls_states):
+        hidden_states = self.LayerNorm(hidden_states + cls_states)
+        return self.classifier(self.activation(self.dense(hidden_states))).squeeze(-1)  # [B, N] or [T]
 
 
 
@@ -944,11 +1137,14 @@ class DebertaCustomForReplacedTokenDetection(DebertaCustomPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         num_items_in_batch=None,
+        **kwargs,
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.deberta.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids,
+                                              output_attentions, **kwargs)
         outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states, return_dict=True)
-        logits = self.mask_predictions(outputs.last_hidden_state)  # [B, N]
+                               output_attentions, output_hidden_states, return_dict=True, sequence_layout=layout)
+        logits = self.mask_predictions(outputs.last_hidden_state, attention_mask, layout)  # [B, N]
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape, 2, "labels")

@@ -61,6 +61,7 @@ from .modeling_deberta_custom import (
     DebertaCustomRTDHead,
     init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
 )
+from .padding import SequenceLayout  # noqa: F401  (named for transformers 4.x, see the attention imports above)
 
 RTD_AUTO_MAP = {**AUTO_MAP, "AutoModelForPreTraining": "modeling_rtd.DebertaCustomForRTDPreTraining"}
 
@@ -215,23 +216,28 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
     # --- the two networks ----------------------------------------------------------------------------------------
 
-    def generator_predictions(self, input_ids, attention_mask, token_type_ids, position_ids, labels):
+    def generator_predictions(self, input_ids, attention_mask, token_type_ids, position_ids, labels, layout="auto"):
         """The generator's side of one step: (positions [R], logits [R, V] there, summed masked-LM cross-entropy, number
         of masked positions whose argmax is right, input_ids [B, N] with a sample at every masked position).
 
         Vocabulary logits are computed at the masked positions only (`prediction_positions`; at every position with
         config.sparse_mlm_logits=False), in training and evaluation alike, so that a 128k vocabulary never builds
         [B, N, V]. Compiled, R is a budget fixed by the shapes and masked positions beyond it get their loss,
-        accuracy and sample from a dense pass under torch.cond."""
+        accuracy and sample from a dense pass under torch.cond. layout: the batch's SequenceLayout, None (padded path)
+        or "auto" (see DebertaCustomModel.sequence_layout)."""
         flat_labels, flat_ids = labels.flatten(), input_ids.flatten()  # [B * N]
         if self.config.sparse_mlm_logits:  # before the generator runs: see DebertaCustomForMaskedLM.forward
             positions = prediction_positions(labels, self.config.sparse_mlm_max_fraction)  # [R]
         else:
             positions = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [B * N]
-        _, sequence_output = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids)
+        _, sequence_output, layout = self.generator.decode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                           sequence_layout=layout)
         lm_head, word_embeddings = self.generator.lm_predictions.lm_head, self.generator.deberta.embeddings.word_embeddings
-        # The head's transform on every position, its decoder on selected rows (see DebertaCustomForMaskedLM).
-        hidden = lm_head.transform(sequence_output).flatten(0, 1)  # [B, N, E] -> [B * N, E]
+        # The head's transform on every token, its decoder on selected rows (see DebertaCustomForMaskedLM).
+        hidden = lm_head.transform(sequence_output)  # [B, N, E], or [T, E] unpadded
+        if layout is not None:  # [T, E] -> [B, N, E]: the positions count the input's places
+            hidden = layout.pad(hidden)
+        hidden = hidden.flatten(0, 1)  # [B, N, E] -> [B * N, E]
         logits = lm_head.vocabulary_logits(hidden.index_select(0, positions), word_embeddings)  # [R, V]
         targets = flat_labels.index_select(0, positions)  # [R]: the masked ids, then -100
         predicted = targets != -100
@@ -265,10 +271,13 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
             sampled_ids = torch.where(left_out != -100, samples.detach().to(flat_ids.dtype), sampled_ids)
         return positions, logits, mlm_sum, correct, sampled_ids.view_as(input_ids)
 
-    def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+    def discriminator_logits(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, layout="auto"):
         """[B, N] replaced-token logits (> 0: replaced)."""
-        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
-        return self.mask_predictions(outputs.last_hidden_state)
+        if isinstance(layout, str):
+            layout = self.deberta.sequence_layout(input_ids, None, attention_mask, position_ids)
+        outputs = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                               sequence_layout=layout)
+        return self.mask_predictions(outputs.last_hidden_state, attention_mask, layout)
 
     @torch.no_grad()
     def sample_replacements(self, generator_logits: torch.Tensor, temperature=None) -> torch.Tensor:
@@ -299,15 +308,19 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
         labels=None,
         return_dict=None,
         num_items_in_batch=None,
+        **kwargs,
     ):
+        """kwargs: the packing arguments of DataCollatorWithFlattening (see DebertaCustomModel.forward)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if input_ids is None:
             raise ValueError("RTD pretraining needs input_ids (replacements are token ids, not embeddings)")
+        # One layout (one host read) for the generator and the discriminator: they read the same tokens.
+        layout = self.deberta.sequence_layout(input_ids, None, attention_mask, position_ids, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
         if labels is None:  # detection only: is each token of this text replaced?
-            logits = self.discriminator_logits(input_ids, attention_mask, token_type_ids, position_ids)
+            logits = self.discriminator_logits(input_ids, attention_mask, token_type_ids, position_ids, layout)
             output = RTDPreTrainingOutput(logits=logits)
             return output if return_dict else output.to_tuple()
 
@@ -317,12 +330,13 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
 
         # 1-2. Generator: masked-LM loss at masked positions, and replacements sampled there (no gradient).
         positions, generator_logits, mlm_sum, generator_correct, discriminator_input_ids = self.generator_predictions(
-            input_ids, attention_mask, token_type_ids, position_ids, labels)
+            input_ids, attention_mask, token_type_ids, position_ids, labels, layout)
         mlm_loss = mean_over_items(mlm_sum, num_masked)
         rtd_labels = self.replaced_token_labels(discriminator_input_ids, input_ids, labels, attention_mask)
 
         # 3. Discriminator: binary cross-entropy over non-padding tokens.
-        logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.discriminator_logits(discriminator_input_ids, attention_mask, token_type_ids, position_ids,
+                                           layout)
         counted = rtd_labels != -100
         num_counted = counted.sum()
         rtd_loss = mean_over_items(binary_cross_entropy_sum(logits, rtd_labels, counted), num_counted)

@@ -47,6 +47,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
 from modeling_deberta_custom.training.loss_terms import place_before_integrations
 from modeling_deberta_custom.training.metrics import LossTermsCallback, PretrainingMetrics
+from modeling_deberta_custom.training.packing import PackedCollator, tokenize_and_pack
 from modeling_deberta_custom.training.pretraining import DebertaMaskingCollator, MaskingSeedCallback, tokenize_and_group
 from modeling_deberta_custom.training.rtd_training import (
     RTD_TRAINING_MODES,
@@ -83,6 +84,10 @@ class PretrainingArguments:
     config_overrides: str | None = field(default=None, metadata={
         "help": 'JSON of config fields to override, e.g. \'{"rtd_loss_weight": 10, "rtd_embedding_sharing": "es"}\''})
     max_seq_length: int = field(default=128, metadata={"help": "Block length in tokens, [CLS] and [SEP] included"})
+    pack_documents: bool = field(default=False, metadata={
+        "help": "Keep each line a document of its own: blocks of up to max_seq_length tokens hold whole documents, "
+                "fed as packed batches in which no document attends to another (modeling_deberta_custom.packing). "
+                "Default: lines concatenated into full blocks"})
     whole_word_masking: bool = field(default=False, metadata={"help": "Mask whole words (pieces after a '▁' piece)"})
     mask_probability: float | None = field(default=None, metadata={
         "help": "Fraction of tokens (or words) to mask; default config.rtd_mask_probability for rtd, 0.15 for mlm"})
@@ -191,7 +196,8 @@ def load_blocks(args: PretrainingArguments, tokenizer, training_args: TrainingAr
         raw = DatasetDict(train=raw["train"].select(range(lines - held_out)),
                           validation=raw["train"].select(range(lines - held_out, lines)))
     with training_args.main_process_first(desc="tokenizing and grouping"):
-        blocks = tokenize_and_group(raw, tokenizer, args.max_seq_length, num_proc=args.preprocessing_num_workers)
+        blocks = (tokenize_and_pack if args.pack_documents else tokenize_and_group)(
+            raw, tokenizer, args.max_seq_length, num_proc=args.preprocessing_num_workers)
     train, validation = blocks["train"], blocks.get("validation")
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
@@ -270,7 +276,7 @@ def main(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collator,
+        data_collator=PackedCollator(collator) if args.pack_documents else collator,
         processing_class=tokenizer,
         compute_metrics=metrics.compute_metrics if eval_dataset is not None else None,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics if eval_dataset is not None else None,

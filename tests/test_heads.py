@@ -108,8 +108,10 @@ def test_question_answering_loss(batch):
     start, end = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 40])  # 40 is beyond the window: ignored
     output = model(input_ids, mask, start_positions=start, end_positions=end)
     assert output.start_logits.shape == output.end_logits.shape == (3, 12)
-    expected_end = F.cross_entropy(output.end_logits[:2], end[:2])
-    expected = (F.cross_entropy(output.start_logits, start) + expected_end) / 2
+    # The span softmax runs over each row's real tokens (row 1 is padded from position 6).
+    start_logits, end_logits = (logits.masked_fill(mask == 0, float("-inf")) for logits in output.to_tuple()[1:3])
+    expected_end = F.cross_entropy(end_logits[:2], end[:2])
+    expected = (F.cross_entropy(start_logits, start) + expected_end) / 2
     torch.testing.assert_close(output.loss, expected)
 
 
@@ -164,10 +166,11 @@ def test_return_dict_false_gives_the_same_tuple(batch, name):
     assert len(as_tuple[2]) == LAYERS + 1 and len(as_tuple[3]) == LAYERS
     for got, expected in zip(as_tuple[2] + as_tuple[3], as_dict.hidden_states + as_dict.attentions, strict=True):
         torch.testing.assert_close(got, expected)
-    # without labels and extras: just the logits
+    # without labels and extras: just the logits (unpadded, where attentions took the padded path: real tokens)
     plain = model(input_ids, mask, return_dict=False)
     assert len(plain) == 1
-    torch.testing.assert_close(plain[0], as_dict.logits)
+    real = mask.bool() if plain[0].dim() == 3 else slice(None)
+    torch.testing.assert_close(plain[0][real], as_dict.logits[real])
 
 
 def test_backbone_return_dict_false(batch):
@@ -210,8 +213,10 @@ def test_hidden_states_and_attentions(batch, implementation):
         torch.testing.assert_close(probs.sum(-1), torch.ones(3, HEADS, 12))
         assert (probs >= 0).all()
         assert probs[1, :, :, 6:].abs().max() < 1e-6  # padded keys get no attention
-    # asking for attentions does not change the result (sdpa falls back to the eager path for them)
-    torch.testing.assert_close(model(input_ids, mask).last_hidden_state, output.last_hidden_state,
+    # asking for attentions does not change the result at real tokens (sdpa falls back to the eager path for them,
+    # and unpadding to the padded path)
+    real = mask.bool()
+    torch.testing.assert_close(model(input_ids, mask).last_hidden_state[real], output.last_hidden_state[real],
                                atol=1e-5, rtol=1e-5)
     assert model(input_ids, mask).hidden_states is None and model(input_ids, mask).attentions is None
 
@@ -328,7 +333,8 @@ def test_masked_lm_decoder_is_the_word_embedding_matrix(batch):
         after = model(input_ids, mask).logits
     others = [i for i in range(VOCAB) if i != token]
     torch.testing.assert_close(after[..., others], before[..., others])  # only that token's logit moves
-    assert (after[..., token] - before[..., token]).abs().min() > 1e-4
+    real = mask.bool()  # (padding positions hold zeros)
+    assert (after[..., token] - before[..., token])[real].abs().min() > 1e-4
 
 
 def test_sparse_masked_lm_logits_in_training(batch):

@@ -39,7 +39,11 @@ HOST_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.m
 BOOLEAN_INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 # Reads that are free by design: value checks of inputs on CPU tensors (skipped for accelerator tensors), and the
 # relative-position bookkeeping, which reads a table it builds on the host (on accelerators it rebuilds it on CPU).
-ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "relative_positions"}
+# Reads on accelerators by design: the labelled-position selection of an eager masked-LM step (SELECTION, see
+# above), and the sequence layout of an unpadded or packed batch (padding.py), which reads its sizes once per forward
+# (tests/test_unpadding.py counts the layouts); on the meta device padded batches take the padded path.
+ALLOWED = {"_check_integer_ids", "check_labels", "_check_attention_mask_values", "relative_positions",
+           "layout_from_attention_mask", "layout_from_sequence_ids", "check_packing_kwargs"}
 SELECTION = "prediction_positions"  # the one read by design (see above)
 
 BATCH, LENGTH, CHOICES = 2, 10, 3  # 10 tokens > position_buckets / 2: the bucketed relative-position path too

@@ -47,7 +47,10 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cls
 
 
 def classifier(**overrides):
-    return DebertaCustomForSequenceClassification(tiny_config(num_labels=3, **{**DROPOUT, **overrides})).train()
+    # Padded: the reference below draws its perturbations for [B, N, C] embeddings (tests/test_unpadding.py checks
+    # SiFT on unpadded batches against this padded path).
+    config = tiny_config(num_labels=3, unpad_inputs=False, **{**DROPOUT, **overrides})
+    return DebertaCustomForSequenceClassification(config).train()
 
 
 def batch_for(vocab_size=99, batch=4, length=10, num_labels=3, seed=0):

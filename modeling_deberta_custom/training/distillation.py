@@ -250,6 +250,10 @@ class ProjectionRecorder:
         self.width = self.attention.num_heads * self.attention.head_size
         self.states: dict[str, torch.Tensor] = {}
         self.recording = True
+        # The relations compare [B, N, N] attention of padded rows, so the model runs padded while recorded (an
+        # unpadded model would project its real tokens only, [T, C]).
+        self._config = self.attention.config
+        self._unpad_inputs, self._config.unpad_inputs = self._config.unpad_inputs, False
         self._handles = [getattr(self.attention, f"{name}_proj").register_forward_hook(self._keeper(name))
                          for name in self.relations]
 
@@ -263,6 +267,8 @@ class ProjectionRecorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        if self._handles:
+            self._config.unpad_inputs = self._unpad_inputs
         self._handles = []
         self.states = {}
 
