@@ -5,7 +5,7 @@ has a per-sequence meaning; a few Trainer steps of a masked-LM, an RTD model and
 
 import pytest
 import torch
-from conftest import perturb_parameters, tiny_config
+from helpers import perturb_parameters, tiny_config
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 import modeling_deberta_custom.padding as padding
@@ -278,7 +278,7 @@ def test_pretrain_script_packs_documents(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

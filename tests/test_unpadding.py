@@ -5,7 +5,7 @@ padding positions of the outputs hold zeros; one layout (one host read) per forw
 
 import pytest
 import torch
-from conftest import perturb_parameters, tiny_config
+from helpers import perturb_parameters, tiny_config
 
 import modeling_deberta_custom.modeling_deberta_custom as modeling
 import modeling_deberta_custom.padding as padding
