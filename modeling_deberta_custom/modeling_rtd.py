@@ -59,6 +59,7 @@ from .modeling_deberta_custom import (
     DebertaCustomModel,
     DebertaCustomPreTrainedModel,
     DebertaCustomRTDHead,
+    ignore_padding,
     init,  # the initialisers that match the installed transformers (see modeling_deberta_custom)
 )
 from .padding import SequenceLayout  # noqa: F401  (named for transformers 4.x, see the attention imports above)
@@ -325,6 +326,7 @@ class DebertaCustomForRTDPreTraining(DebertaCustomPreTrainedModel):
             return output if return_dict else output.to_tuple()
 
         check_labels(labels, input_ids.shape, self.config.vocab_size, "labels")
+        labels = ignore_padding(labels, attention_mask)  # as in DebertaCustomForMaskedLM: padding never counts
         masked = labels != -100  # [B, N]: positions the generator predicts
         num_masked = masked.sum()
 

@@ -447,8 +447,9 @@ def masked_lm_pair(fraction=0.5):
     """A masked-LM head with sparse logits in training ([K, V] at the labelled positions first), the same weights with
     dense logits, and a batch with 3 and 2 labelled positions (K = 20 * fraction rows, 5 of them labelled)."""
     torch.manual_seed(0)
-    sparse = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=fraction)).train()
-    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False)).train()
+    # Padded models: the reference perturbation layer draws its delta per padded position ([B, N, C]).
+    sparse = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_max_fraction=fraction, unpad_inputs=False)).train()
+    dense = DebertaCustomForMaskedLM(tiny_config(sparse_mlm_logits=False, unpad_inputs=False)).train()
     dense.load_state_dict(sparse.state_dict())
     input_ids, attention_mask = random_batch(sparse.config.vocab_size, batch=2, length=10)
     labels = torch.full_like(input_ids, -100)
