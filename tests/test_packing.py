@@ -68,7 +68,8 @@ def gradients(model):
 def grouping(request, monkeypatch):
     """Attention on CPU runs by groups of sequences of similar length: with no cost per group, one group per length."""
     if request.param == "groups":
-        monkeypatch.setattr(padding, "GROUP_OVERHEAD_PLACES", 0)
+        for name in ("TRAINING_GROUP_COSTS", "INFERENCE_GROUP_COSTS"):
+            monkeypatch.setattr(padding, name, (0, getattr(padding, name)[1]))
     return request.param
 
 
