@@ -13,12 +13,14 @@ feed-forward, LayerNorms, heads) run on the T real tokens, [T, C]; attention run
 (padded batches: one per row, empty rows included) of up to W tokens, each sequence in its own grid row starting at
 column 0, so that relative positions count within the sequence and no sequence sees another. Moving between the
 three layouts is a row gather one way and a row copy into zeros the other (index_select / index_copy: both
-deterministic, on accelerators too).
+deterministic, on accelerators too). On CPU, where the lengths are free to read, the grid rows are sorted by length
+and attention runs by groups of rows cut to their own longest sequence (`attention_groups`), so that short
+sequences do not pay for the batch's longest.
 
 Host reads: a padded batch's T and W are data-dependent sizes, read on the host once per forward in
-`layout_from_attention_mask` (one `.tolist()` of two numbers: one device sync on accelerators, as flash-attn's and
-ModernBERT's unpadding do; free on CPU). Packed batches with cu_seq_lens_q and max_length_q need no read at all;
-packed batches known only from position_ids or seq_idx need one (S and W).
+`layout_from_attention_mask` (one `.tolist()`: one device sync on accelerators, as flash-attn's and ModernBERT's
+unpadding do; free on CPU). Packed batches with cu_seq_lens_q and max_length_q need no read at all (on accelerators;
+on CPU their lengths are read, for free); packed batches known only from position_ids or seq_idx need one.
 
 This file is copied with the modeling file as remote code, so it imports only torch.
 """
