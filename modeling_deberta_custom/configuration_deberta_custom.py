@@ -125,15 +125,17 @@ class DebertaCustomConfig(PretrainedConfig):
         unpad_inputs (`bool`, True): for padded batches (an attention_mask with zeros), run every token-wise layer
             (embeddings, projections, feed-forward, LayerNorms, heads) on the real tokens only, and attention on the
             sequences laid out side by side (modeling_deberta_custom/padding.py). Outputs keep their padded shapes
-            and, at real tokens, the padded path's values; padding positions of the hidden states hold zeros. Costs
+            and, at real tokens, the padded path's values; padding positions of the hidden states hold zeros (a
+            row without any real token holds zeros throughout, and sequence-level heads read zeros for it). Costs
             one host read per forward (the number of real tokens: a device sync on accelerators). Where values
             cannot be read (the meta device, torch.compile, torch.export, TorchScript tracing) and with
             output_attentions the padded path runs. Packed batches (DataCollatorWithFlattening) always run
-            padding-free, whatever this says.
+            padding-free, whatever this says. On both paths sequence-level heads read each row's first real token
+            (position 0 unless the batch is left-padded) and token-level losses never count padding.
 
     Heads:
         pooler_hidden_size (`int`, None), pooler_hidden_act (`str`, "gelu"), pooler_dropout (`float`, 0.0): the
-            context pooler (first token -> dropout -> dense -> activation) of sequence-level heads.
+            context pooler (first real token -> dropout -> dense -> activation) of sequence-level heads.
         cls_dropout (`float`, None): dropout before classifiers; None means hidden_dropout_prob.
         use_enhanced_mask_decoder (`bool`, True): the masked-LM head decodes with EMD when absolute positions are
             not at the input (position_biased_input false); otherwise it reads the last layer as BERT does.

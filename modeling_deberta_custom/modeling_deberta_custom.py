@@ -514,19 +514,19 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         check_packing_kwargs(packing, shape, check_values=cu_seq_lens is not None and can_check_values(cu_seq_lens))
         # On CPU attention runs by groups of similar length, which needs the lengths on the host (free there); not
         # for FlexAttention, which compiles a kernel for every new width.
-        group = cpu_kernels_apply(device) and self.config._attn_implementation != "flex_attention"
+        group = dict(group_by_length=cpu_kernels_apply(device) and self.config._attn_implementation != "flex_attention",
+                     training=self.training)
         if cu_seq_lens is not None:
             layout = None if cu_seq_lens.shape[0] == 2 else layout_from_cu_seq_lens(
-                cu_seq_lens.to(device), packing["max_length_q"], shape[1], group_by_length=group)
+                cu_seq_lens.to(device), packing["max_length_q"], shape[1], **group)
         elif seq_idx is not None:
-            layout = layout_from_sequence_ids(seq_idx.to(device), attention_mask, position_ids=False,
-                                              group_by_length=group)
+            layout = layout_from_sequence_ids(seq_idx.to(device), attention_mask, position_ids=False, **group)
         elif position_ids is not None and shape[0] == 1 and torch.device(device).type != "meta":
-            layout = layout_from_sequence_ids(position_ids, attention_mask, position_ids=True, group_by_length=group)
+            layout = layout_from_sequence_ids(position_ids, attention_mask, position_ids=True, **group)
         elif self.config.unpad_inputs and attention_mask is not None and not output_attentions:
             if not _sizes_readable(device):
                 return None
-            return layout_from_attention_mask(attention_mask, group_by_length=group)
+            return layout_from_attention_mask(attention_mask, **group)
         else:
             return None
         if layout is not None and output_attentions:

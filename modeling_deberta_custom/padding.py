@@ -13,12 +13,14 @@ feed-forward, LayerNorms, heads) run on the T real tokens, [T, C]; attention run
 (padded batches: one per row, empty rows included) of up to W tokens, each sequence in its own grid row starting at
 column 0, so that relative positions count within the sequence and no sequence sees another. Moving between the
 three layouts is a row gather one way and a row copy into zeros the other (index_select / index_copy: both
-deterministic, on accelerators too).
+deterministic, on accelerators too). On CPU, where the lengths are free to read, the grid rows are sorted by length
+and attention runs by groups of rows cut to their own longest sequence (`attention_groups`), so that short
+sequences do not pay for the batch's longest.
 
 Host reads: a padded batch's T and W are data-dependent sizes, read on the host once per forward in
-`layout_from_attention_mask` (one `.tolist()` of two numbers: one device sync on accelerators, as flash-attn's and
-ModernBERT's unpadding do; free on CPU). Packed batches with cu_seq_lens_q and max_length_q need no read at all;
-packed batches known only from position_ids or seq_idx need one (S and W).
+`layout_from_attention_mask` (one `.tolist()`: one device sync on accelerators, as flash-attn's and ModernBERT's
+unpadding do; free on CPU). Packed batches with cu_seq_lens_q and max_length_q need no read at all (on accelerators;
+on CPU their lengths are read, for free); packed batches known only from position_ids or seq_idx need one.
 
 This file is copied with the modeling file as remote code, so it imports only torch.
 """
@@ -136,19 +138,21 @@ class SequenceLayout(NamedTuple):
 
 
 # Attention by groups (CPU): a group of `rows` grid rows cut to `width` costs about
-#     GROUP_OVERHEAD_PLACES + rows * width * (1 + width / QUADRATIC_SCALE)
-# grid places' worth of work. Measured for one layer's training attention (sdpa, fwd + bwd) at the DeBERTa-v3-base
-# geometry on the 2-core AMD EPYC (torch 2.13.0, one thread, CPU time): ~9 ms per call, ~13 us per grid place, ~0.6 us
-# per pair of places. Rows are grouped by a dynamic programme over the sorted lengths (up to MAX_PLANNED_ROWS rows;
-# beyond it, one group).
-GROUP_OVERHEAD_PLACES = 700
-QUADRATIC_SCALE = 22
+#     overhead + rows * width * (1 + width / quadratic_scale)
+# grid places' worth of work, (overhead, quadratic_scale) as below. Measured for one layer's attention (sdpa) at the
+# DeBERTa-v3-base geometry on the 2-core AMD EPYC (torch 2.13.0, one thread, CPU time): in training (forward and
+# backward, a kernel per head) ~9 ms per call, ~13 us per grid place, ~0.6 us per pair of places; in inference (one
+# fused SDPA call) ~0.3 ms, ~1.9 us and ~0.23 us. Rows are grouped by a dynamic programme over the sorted lengths (up
+# to MAX_PLANNED_ROWS rows; beyond it, one group).
+TRAINING_GROUP_COSTS = (700, 22)
+INFERENCE_GROUP_COSTS = (160, 8)
 MAX_PLANNED_ROWS = 256
 
 
-def attention_groups(lengths: list[int]) -> tuple:
+def attention_groups(lengths: list[int], training: bool = True) -> tuple:
     """Sequence lengths sorted from the longest (zeros last) -> the groups of rows (first, stop, width) of least
     estimated attention cost (see above)."""
+    overhead, quadratic_scale = TRAINING_GROUP_COSTS if training else INFERENCE_GROUP_COSTS
     lengths = [n for n in lengths if n > 0]
     count = len(lengths)
     if count == 0:
@@ -159,7 +163,7 @@ def attention_groups(lengths: list[int]) -> tuple:
     for stop in range(1, count + 1):
         for first in range(stop):
             width = lengths[first]
-            cost = best[first] + GROUP_OVERHEAD_PLACES + (stop - first) * width * (1 + width / QUADRATIC_SCALE)
+            cost = best[first] + overhead + (stop - first) * width * (1 + width / quadratic_scale)
             if cost < best[stop]:
                 best[stop], start[stop] = cost, first
     groups, stop = [], count
@@ -169,10 +173,11 @@ def attention_groups(lengths: list[int]) -> tuple:
     return tuple(reversed(groups))
 
 
-def _layout(token_index, sequences, columns, input_shape, num_rows, width, packed, lengths=None) -> SequenceLayout:
+def _layout(token_index, sequences, columns, input_shape, num_rows, width, packed, lengths=None,
+            training=True) -> SequenceLayout:
     """The layout of T tokens at `token_index` [T] in the input, token t being at column `columns[t]` of sequence
     `sequences[t]` (sequences numbered in input order). `lengths`: each sequence's width in the grid, read on the
-    host, or None (unknown: grid rows in input order, one attention group)."""
+    host, or None (unknown: grid rows in input order, one attention group); `training` picks the group costs."""
     num_tokens, device = token_index.shape[0], token_index.device
     if lengths is None:
         row_of_sequence = torch.arange(num_rows, device=device)
@@ -183,7 +188,7 @@ def _layout(token_index, sequences, columns, input_shape, num_rows, width, packe
         for row, sequence in enumerate(order):
             rank[sequence] = row
         row_of_sequence = torch.tensor(rank, device=device)
-        groups = attention_groups([lengths[r] for r in order])
+        groups = attention_groups([lengths[r] for r in order], training)
     grid_index = row_of_sequence.index_select(0, sequences) * width + columns
     # the token at each grid place, T where there is none
     grid_slot = torch.full((num_rows * width,), num_tokens, dtype=torch.long, device=device)
@@ -200,11 +205,13 @@ def _real_token_index(flat_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.sort(flat_mask.to(torch.int8), descending=True, stable=True).indices[:num_tokens]
 
 
-def layout_from_attention_mask(attention_mask: torch.Tensor, group_by_length: bool = False) -> SequenceLayout | None:
+def layout_from_attention_mask(attention_mask: torch.Tensor, group_by_length: bool = False,
+                               training: bool = True) -> SequenceLayout | None:
     """The layout of a padded batch [B, N]: grid row b holds the span of row b from its first to its last real token
     (W: the longest span), so that relative positions are exactly the padded path's. None when the batch has no
     padding (the padded path is then the same work) or no real token. One host read: T and W, or with
-    group_by_length T and every row's span (for attention by groups; free on CPU, where it is used)."""
+    group_by_length T and every row's span (for attention by groups of similar length, planned for training or
+    inference; free on CPU, where it is used)."""
     mask = attention_mask.bool()
     batch, length = mask.shape
     if mask.numel() == 0:
@@ -224,7 +231,8 @@ def layout_from_attention_mask(attention_mask: torch.Tensor, group_by_length: bo
     token_index = _real_token_index(mask.flatten(), num_tokens)
     rows = torch.div(token_index, length, rounding_mode="floor")
     columns = token_index - rows * length - first.index_select(0, rows)
-    return _layout(token_index, rows, columns, (batch, length), batch, width, packed=False, lengths=spans)
+    return _layout(token_index, rows, columns, (batch, length), batch, width, packed=False, lengths=spans,
+                   training=training)
 
 
 def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_when_not_above: bool) -> torch.Tensor:
@@ -241,7 +249,7 @@ def _sequence_starts_from_ids(ids: torch.Tensor, mask: torch.Tensor, restart_whe
 
 
 def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | None, *, position_ids: bool,
-                             group_by_length: bool = False) -> SequenceLayout | None:
+                             group_by_length: bool = False, training: bool = True) -> SequenceLayout | None:
     """The layout of a packed batch whose sequences are marked by restarting `position_ids` (position_ids=True) or by
     a sequence number per token (`seq_idx`, position_ids=False); ids [B, N] or [N]. Sequences never span rows; a
     masked place inside a sequence stays a masked key. None for one sequence without padding (nothing to unpad).
@@ -270,11 +278,11 @@ def layout_from_sequence_ids(ids: torch.Tensor, attention_mask: torch.Tensor | N
     sequences = starts.long().cumsum(0).index_select(0, token_index) - 1  # sequence number of each token
     columns = token_index - start_place.index_select(0, token_index)
     return _layout(token_index, sequences, columns, (batch, length), num_sequences, width, packed=True,
-                   lengths=lengths)
+                   lengths=lengths, training=training)
 
 
 def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: int,
-                            group_by_length: bool = False) -> SequenceLayout:
+                            group_by_length: bool = False, training: bool = True) -> SequenceLayout:
     """The layout of a packed batch [1, T] from its cumulative sequence lengths [S + 1] (0, l0, l0 + l1, ..., T) and
     the longest length (a Python int, as DataCollatorWithFlattening returns it): no host read (with group_by_length
     the lengths are read: for CPU tensors, where that is free)."""
@@ -285,7 +293,7 @@ def layout_from_cu_seq_lens(cu_seq_lens: torch.Tensor, max_length: int, length: 
     columns = tokens - cu_seq_lens.index_select(0, sequences)
     lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist() if group_by_length else None
     return _layout(tokens, sequences, columns, (1, length), cu_seq_lens.shape[0] - 1, max(int(max_length), 1),
-                   packed=True, lengths=lengths)
+                   packed=True, lengths=lengths, training=training)
 
 
 def check_packing_kwargs(kwargs: dict, input_shape, check_values: bool = False) -> None:

@@ -68,7 +68,8 @@ def gradients(model):
 def grouping(request, monkeypatch):
     """Attention on CPU runs by groups of sequences of similar length: with no cost per group, one group per length."""
     if request.param == "groups":
-        monkeypatch.setattr(padding, "GROUP_OVERHEAD_PLACES", 0)
+        for name in ("TRAINING_GROUP_COSTS", "INFERENCE_GROUP_COSTS"):
+            monkeypatch.setattr(padding, name, (0, getattr(padding, name)[1]))
     return request.param
 
 
@@ -170,6 +171,13 @@ def test_sequence_classification_answers_per_sequence(grouping):
             torch.testing.assert_close(gradient, expected_grads[name], **TOLERANCE, msg=name)
     with pytest.raises(ValueError, match="one label per packed sequence"):
         model(**packed([{"input_ids": ids} for ids in ids_list]), labels=labels[:3])
+    # A padded classification batch packed as it is: its labels stay one per sequence.
+    padded = torch.nn.utils.rnn.pad_sequence
+    batch = {"input_ids": padded([torch.tensor(x) for x in ids_list], batch_first=True), "labels": labels,
+             "attention_mask": padded([torch.ones(len(x), dtype=torch.long) for x in ids_list], batch_first=True)}
+    output = model(**packed_batch_from_padded(batch))
+    torch.testing.assert_close(output.logits, expected, **TOLERANCE)
+    torch.testing.assert_close(output.loss, expected_loss, **TOLERANCE)
 
 
 def test_question_answering_answers_per_sequence(grouping):

@@ -148,13 +148,16 @@ def grouping(request, monkeypatch):
     """On CPU attention runs by groups of rows of similar length; at the tiny sizes here the planner keeps one group
     unless a group costs nothing extra (then every length is a group of its own)."""
     if request.param == "groups":
-        monkeypatch.setattr(padding, "GROUP_OVERHEAD_PLACES", 0)
+        for name in ("TRAINING_GROUP_COSTS", "INFERENCE_GROUP_COSTS"):
+            monkeypatch.setattr(padding, name, (0, getattr(padding, name)[1]))
     return request.param
 
 
 def test_attention_groups():
     assert attention_groups([12, 9, 5, 0]) == ((0, 3, 12),)  # one call beats three at these sizes
     assert attention_groups([300, 40, 30, 20]) == ((0, 1, 300), (1, 4, 40))
+    assert attention_groups([64, 60, 20, 16], training=False) == ((0, 2, 64), (2, 4, 20))  # calls cost less
+    assert attention_groups([64, 60, 20, 16], training=True) == ((0, 4, 64),)
     assert attention_groups([]) == ()
 
 

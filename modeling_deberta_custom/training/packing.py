@@ -24,14 +24,15 @@ import torch
 def packed_batch_from_padded(batch: dict) -> dict:
     """A padded batch (input_ids [B, N], attention_mask with each row's real tokens first) -> the packed batch
     DataCollatorWithFlattening(return_flash_attn_kwargs=True) would give: input_ids [1, T], position_ids restarting
-    at 0, cu_seq_lens_q/k [B + 1] (int32), max_length_q/k (ints); every other [B, N] tensor (labels, token_type_ids)
-    packed alike. Rows must be right-padded."""
+    at 0, cu_seq_lens_q/k [B + 1] (int32), max_length_q/k (ints); every other [B, N] tensor (token labels,
+    token_type_ids) packed alike. Other tensors with one entry per row (sequence labels [B]) stay as they are: one per
+    packed sequence, as sequence classification reads them. Rows must be right-padded."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(-1)
     if not torch.equal(mask, torch.arange(mask.shape[1]) < lengths[:, None]):
         raise ValueError("packed_batch_from_padded needs right-padded rows (real tokens first)")
-    packed = {key: value[mask][None] for key, value in batch.items()
-              if key != "attention_mask" and isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape}
+    packed = {key: value[mask][None] if value.shape[:2] == mask.shape else value for key, value in batch.items()
+              if key != "attention_mask" and isinstance(value, torch.Tensor)}
     packed["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths])[None]
     cu_seq_lens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
     packed["cu_seq_lens_q"] = packed["cu_seq_lens_k"] = cu_seq_lens
@@ -40,9 +41,10 @@ def packed_batch_from_padded(batch: dict) -> dict:
 
 
 class PackedCollator:
-    """Wraps a padding collator (one that returns input_ids, attention_mask and labels [B, N], right-padded: e.g.
-    pretraining.DebertaMaskingCollator or transformers' DataCollatorForLanguageModeling) so that its batches come out
-    packed (see packed_batch_from_padded). Examples holding several documents (`pack_documents`, with their
+    """Wraps a padding collator (one that returns input_ids and attention_mask right-padded, with token labels
+    [B, N] or sequence labels [B]: pretraining.DebertaMaskingCollator, transformers' DataCollatorForLanguageModeling,
+    or DataCollatorWithPadding for sequence classification) so that its batches come out packed (see
+    packed_batch_from_padded). Examples holding several documents (`pack_documents`, with their
     `position_ids`) are split into their documents first, so that the wrapped collator masks each document as a row
     of its own and the model never lets one document attend to another.
 
@@ -61,11 +63,11 @@ class PackedCollator:
 
 def split_documents(example: dict) -> list[dict]:
     """An example whose position_ids restart (a block from `pack_documents`) -> one {"input_ids": ...} per document;
-    an example without position_ids is one document."""
-    ids = list(example["input_ids"])
+    an example without position_ids is one document, kept as it is (labels, token types and all)."""
     positions = example.get("position_ids")
     if positions is None:
-        return [{"input_ids": ids}]
+        return [example]
+    ids = list(example["input_ids"])
     positions = list(positions)
     starts = [i for i, position in enumerate(positions) if i == 0 or position <= positions[i - 1]]
     return [{"input_ids": ids[start:stop]} for start, stop in zip(starts, starts[1:] + [len(ids)], strict=True)]
