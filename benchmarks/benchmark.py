@@ -121,7 +121,7 @@ def parse_args(argv=None):
                         help="real suite: batches per measured call (default 8 on CUDA, 4 on CPU, 2 with --quick)")
     parser.add_argument("--datasets", default="sst2,rte", help=f"real suite: comma list of {list(harness.REAL_DATASETS)}")
     parser.add_argument("--orders", default=",".join(ORDERS), help=f"real suite: comma list of {list(ORDERS)}")
-    parser.add_argument("--modes", default="train,forward", help="real suite: train, forward or both")
+    parser.add_argument("--modes", default="train,forward", help="real suite: comma list of train, forward")
     parser.add_argument("--variants", default=None, help=f"real suite: comma list of {list(REAL_VARIANTS)}")
     parser.add_argument("--disentangled-flash", default=None, help="wheel or folder of disentangled-flash (real suite)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="same for every model (memory)")
@@ -159,6 +159,8 @@ def parse_args(argv=None):
     if args.config is not None and args.models != ["ours"]:
         parser.error("--config measures one of our checkpoints' geometry: pass --models ours")
     args.datasets, args.orders, args.modes = map(comma_list, (args.datasets, args.orders, args.modes))
+    if set(args.modes) - {"train", "forward"}:
+        parser.error(f"--modes takes train and/or forward, got {args.modes}")
     args.variants = (comma_list(args.variants) if args.variants
                      else default_real_variants(args.device, args.disentangled_flash is not None))
     unknown = [v for v in args.variants if v not in REAL_VARIANTS]
