@@ -46,8 +46,9 @@ class RelativePositions(NamedTuple):
 
     Scores depend on query i and key j only through the distance d = i - j: `rows[d + Nk - 1]` is the row of the
     relative embedding table that distance d reads, for d from -(Nk - 1) up to Nq - 1 ([Nq + Nk - 1]), counted from
-    `first_row`; the attention layers project only the table rows [first_row, first_row + num_rows). The [Nq, Nk]
-    row of every pair, rows[i - j + Nk - 1] (pair_index), is built only where a path reads it.
+    `first_row`; the attention layers project only the table rows [first_row, first_row + num_rows). `index` [Nq, Nk]
+    holds the row of every pair, rows[i - j + Nk - 1] (pair_index), built once per forward for the paths that gather
+    with it (eager, sdpa); None for flex_attention, which reads `rows` inside its kernel (no [Nq, Nk] tensor).
 
     Everywhere but eager CPU runs the whole table is read (first_row 0, num_rows 2S) and `cpu` is None. On CPU, `cpu`
     holds the layouts of attention_cpu.py (CpuLayout), and short sequences project only the rows they read."""
@@ -56,6 +57,7 @@ class RelativePositions(NamedTuple):
     first_row: int
     num_rows: int
     cpu: CpuLayout | None = None
+    index: torch.Tensor | None = None
 
 
 def relative_distance_rows(query_length: int, key_length: int, config: DebertaCustomConfig, device) -> torch.Tensor:
@@ -87,17 +89,21 @@ def relative_positions(query_length: int, key_length: int, config: DebertaCustom
     under torch.compile one graph serves every length."""
     # The one branch into attention_cpu.py: its layouts here, then its kernels (sdpa_attention). flex_attention reads
     # only `rows`, so it gets nothing else, on any device (no [Nq, Nk] index: attention memory stays linear in N).
-    if config._attn_implementation == "flex_attention" or not cpu_kernels_apply(device):
+    if config._attn_implementation == "flex_attention":
         return RelativePositions(relative_distance_rows(query_length, key_length, config, device), 0,
                                  2 * config.relative_span)
+    if not cpu_kernels_apply(device):
+        rows = relative_distance_rows(query_length, key_length, config, device)
+        return RelativePositions(rows, 0, 2 * config.relative_span, index=pair_index(rows, query_length, key_length))
     if one_row_per_distance(query_length, key_length, config):
         num_rows = query_length + key_length - 1
         first_row = config.relative_span - (key_length - 1)  # the row of d = -(Nk - 1)
         return RelativePositions(torch.arange(num_rows, device=device), first_row, num_rows,
                                  CpuLayout(one_row_per_distance=True))
     rows = relative_distance_rows(query_length, key_length, config, device)
-    cpu = cpu_layout_of(rows, pair_index(rows, query_length, key_length), query_length, key_length)
-    return RelativePositions(rows, 0, 2 * config.relative_span, cpu)
+    index = pair_index(rows, query_length, key_length)  # [Nq, Nk]
+    return RelativePositions(rows, 0, 2 * config.relative_span, cpu_layout_of(rows, index, query_length, key_length),
+                             index)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -138,7 +144,9 @@ def position_scores(query, key, pos_key, pos_query, relative, scale):
     batch, heads, query_length, key_length = *query.shape[:3], key.shape[-2]
     if pos_key is None and pos_query is None:
         return None
-    index = pair_index(relative.rows, query_length, key_length)  # [Nq, Nk]
+    index = relative.index  # [Nq, Nk], once per forward
+    if index is None:  # CPU short sequences (one row per distance): built here, small
+        index = pair_index(relative.rows, query_length, key_length)
     scores = 0
     if pos_key is not None:  # c2p[i, j] = Q_i . K_r[index[i, j]]
         c2p_table = torch.matmul(query * scale, pos_key.transpose(-1, -2))  # [B, H, Nq, R]

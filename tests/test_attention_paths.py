@@ -465,3 +465,22 @@ def test_compiled_training_step_compiles_once_across_lengths():
         compiled(input_ids, attention_mask, torch.tensor([0, 2])).backward()
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations over 5 lengths"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "off-cpu-path"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_pair_index_is_built_once_per_forward(monkeypatch, implementation, cpu_kernels):
+    """The [N, N] relative index is built once per forward and shared by every layer (not rebuilt in each layer's
+    position_scores). cpu_kernels=False runs the path every accelerator takes. Length 100: past the one-row-per-distance
+    layout, so the index is needed."""
+    calls = []
+    build = attention.pair_index
+    monkeypatch.setattr(attention, "pair_index", lambda *args: calls.append(args[1:]) or build(*args))
+    if not cpu_kernels:
+        monkeypatch.setattr(attention, "cpu_kernels_apply", lambda device: False)
+    model = DebertaCustomModel._from_config(tiny_config(num_hidden_layers=4, unpad_inputs=False),
+                                            attn_implementation=implementation).eval()
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=2, length=100)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    assert calls == [(100, 100)]
