@@ -45,6 +45,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_deberta_custom import DebertaCustomConfig, DebertaCustomForMaskedLM, DebertaCustomForRTDPreTraining
+from modeling_deberta_custom.training.distributed import end_distributed_run
 from modeling_deberta_custom.training.loss_terms import place_before_integrations
 from modeling_deberta_custom.training.metrics import LossTermsCallback, PretrainingMetrics
 from modeling_deberta_custom.training.packing import PackedCollator, tokenize_and_pack
@@ -334,6 +335,7 @@ def main(argv=None):
         with open(os.path.join(training_args.output_dir, "pretraining_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         logger.info("summary: " + json.dumps(summary["terms"]))
+    end_distributed_run()
     return trainer
 
 

@@ -57,6 +57,7 @@ from transformers import (
 
 from modeling_deberta_custom import DebertaCustomForSequenceClassification
 from modeling_deberta_custom.training.distillation import DistillationCallback
+from modeling_deberta_custom.training.distributed import end_distributed_run
 from modeling_deberta_custom.training.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
 from modeling_deberta_custom.training.loss_terms import place_before_integrations
 from modeling_deberta_custom.training.sift import REGRESSION_MODES, SiFTCallback
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not training_args.do_train:
                 raise SystemExit("--push_to_hub needs --do_train (there is no fine-tuned model to push)")
             push_to_hub(str(output_dir), training_args)
+    end_distributed_run()
     return results
 
 

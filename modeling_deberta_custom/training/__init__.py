@@ -8,6 +8,7 @@
   metrics.py       pretraining metrics for evaluation, LossTermsCallback for the training logs
   tokenization.py  the official SentencePiece model as an exact fast tokenizer; tokenizer folders portable to 4.x
   glue.py          GLUE tasks, readers for the original TSV files, preprocessing
+  distributed.py   end_distributed_run: closes the process group at the end of a torchrun launch
 
 The model files (the remote-code wing) never import this package.
 """
