@@ -60,7 +60,7 @@ from modeling_deberta_custom.training.distillation import DistillationCallback
 from modeling_deberta_custom.training.distributed import end_distributed_run
 from modeling_deberta_custom.training.glue import HUB_DATASET, TASKS, GlueTask, get_task, load_glue, tokenize_function
 from modeling_deberta_custom.training.loss_terms import place_before_integrations
-from modeling_deberta_custom.training.sift import REGRESSION_MODES, SiFTCallback
+from modeling_deberta_custom.training.sift import AVERAGE_OVER, REGRESSION_MODES, SiFTCallback
 from modeling_deberta_custom.training.tokenization import PortableTokenizerCallback, make_tokenizer_portable
 
 logger = logging.getLogger("run_glue")
@@ -138,16 +138,21 @@ class SiFTArguments:
         "help": "Loss of the ascent step, the original's --vat_loss_fn: symmetric-kl, kl or mse."})
     sift_module: str | None = field(default=None, metadata={
         "help": "The LayerNorm whose input is perturbed (default: the model's embeddings.LayerNorm)."})
-    sift_regression_mode: str = field(default="zero", metadata={
-        "help": "One-logit (regression) heads such as STS-B: 'zero' (ours: no adversarial term) or 'authors' (the "
-                "authors' code: a softmax across the batch, 2 ln B at equal logits).",
+    sift_regression_mode: str = field(default="authors", metadata={
+        "help": "One-logit (regression) heads such as STS-B: 'authors' (their code: a softmax across the batch, "
+                "2 ln B at equal logits) or 'zero' (ours: no adversarial term).",
         "choices": list(REGRESSION_MODES)})
+    sift_average_over: str = field(default="positions", metadata={
+        "help": "Rows the adversarial term averages: 'positions' (the authors': every predicted position) or "
+                "'items' (ours: the task loss's labelled items, exact under gradient accumulation).",
+        "choices": list(AVERAGE_OVER)})
 
     def callback(self) -> SiFTCallback:
         return SiFTCallback(adv_weight=self.sift_lambda, init_perturbation=self.sift_init_perturbation,
                             perturbation_clamp=self.sift_perturbation_clamp, step_size=self.sift_step_size,
                             ascent_steps=self.sift_ascent_steps, loss_fn=self.sift_loss_fn,
-                            perturbed_module=self.sift_module, regression_mode=self.sift_regression_mode)
+                            perturbed_module=self.sift_module, regression_mode=self.sift_regression_mode,
+                            average_over=self.sift_average_over)
 
 
 @dataclass

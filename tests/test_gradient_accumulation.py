@@ -140,7 +140,8 @@ def test_added_terms_under_accumulation_equal_one_large_batch_with_partial_label
     """Batch 4 against 2 x accumulation 2 through the Trainer (SGD, learning rate 1, one step: the weights show the
     gradients), token classification with 1, 6, 2 and 3 labelled tokens per row: the head alone, with SiFT and with
     distillation alone (output and relation terms) agree to 1e-4 (measured: 3e-8). Each added term is a sum over the
-    labelled tokens divided by the Trainer's num_items_in_batch, as the head's loss. The rule before, a mean over each
+    labelled tokens divided by the Trainer's num_items_in_batch, as the head's loss (SiFT with average_over="items";
+    its default, the authors' mean over every position, cannot be exact: padding differs between the batches). The rule before, a mean over each
     micro-batch's positions (SiFT) or real tokens (distillation) weighted by its share of the labels, gave weights
     1e-2 (SiFT) and 8e-4 (distillation) away from the large batch's (5% and 3% of the gradient's norm)."""
     from modeling_deberta_custom.training.distillation import DistillationCallback
@@ -152,7 +153,8 @@ def test_added_terms_under_accumulation_equal_one_large_batch_with_partial_label
 
     def callback():
         if term == "sift":
-            return SiFTCallback(adv_weight=5.0, step_size=0.1)  # a large ascent step: the ascent counts too
+            # a large ascent step: the ascent counts too; "items": the term over the labelled tokens (our option)
+            return SiFTCallback(adv_weight=5.0, step_size=0.1, average_over="items")
         if term == "distillation":
             return DistillationCallback(teacher, temperature=2.0, alpha_task=0.0, alpha_kd=1.0, relation_weight=1.0)
         return None

@@ -96,8 +96,12 @@ def reference_kl(perturbed, clean):
     return -(torch.softmax(clean.reshape(perturbed.shape).double(), -1).detach() * torch.log_softmax(perturbed, -1)).sum(-1)
 
 
-def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_size=1e-4, loss_fn=reference_symmetric_kl):
-    """The term for one batch; `layer` was in clean mode during the clean pass that gave `clean_logits`."""
+def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_size=1e-4, loss_fn=reference_symmetric_kl,
+                               rows=None):
+    """The term for one batch; `layer` was in clean mode during the clean pass that gave `clean_logits`. `rows`
+    (bool, one per row of the logits) restricts the ascent's sum and the final mean (default: every row, the
+    authors')."""
+    rows = torch.ones(clean_logits[..., 0].numel(), dtype=torch.bool) if rows is None else rows.flatten()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     parameters = list(model.parameters())
     flags = [p.requires_grad for p in parameters]
@@ -106,7 +110,7 @@ def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_s
     layer.adversarial = True
     layer.delta = delta0.clone().requires_grad_(True)
     perturbed = model(**inputs).logits
-    loss_fn(perturbed, clean_logits.detach()).sum().backward()
+    loss_fn(perturbed, clean_logits.detach())[rows].sum().backward()
     g = layer.delta.grad
     if torch.isfinite(g.norm()):
         largest = g.abs().max(dim=-1, keepdim=True).values
@@ -114,7 +118,7 @@ def reference_adversarial_term(model, batch, layer, clean_logits, delta0, step_s
     for p, flag in zip(parameters, flags, strict=True):
         p.requires_grad_(flag)
     perturbed = model(**inputs).logits
-    term = reference_symmetric_kl(perturbed, clean_logits).mean()
+    term = reference_symmetric_kl(perturbed, clean_logits)[rows].mean()
     layer.adversarial, layer.delta = False, None
     return term
 
@@ -219,7 +223,7 @@ MUTATIONS = {
                                      "return ((normalized.to(self.delta.dtype) + self.delta)"),
     "clean pass not normalized": ("            return (normalized,) + tuple(args[1:])",
                                   "            return (x,) + tuple(args[1:])"),
-    "detach the final term's clean side": ("item_mean(symmetric_kl(p, c).view(", "item_mean(symmetric_kl(p, c.detach()).view("),
+    "detach the final term's clean side": ("values = [symmetric_kl(p, c).view(", "values = [symmetric_kl(p, c.detach()).view("),
     "normalize with eps 1e-5": ("def __init__(self, eps: float = 1e-7,", "def __init__(self, eps: float = 1e-5,"),
     "sum over rows instead of the mean": ("    return term.loss(inputs.get(\"num_items_in_batch\"))",
                                           "    return term.total"),
@@ -387,7 +391,7 @@ def test_ascent_reaches_no_parameter_but_the_term_does():
         assert name in reached
 
 
-@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression", "regression-authors"])
+@pytest.mark.parametrize("head", ["token", "qa", "choice", "regression", "regression-zero"])
 def test_every_head(head):
     input_ids, attention_mask = random_batch(99, batch=4, length=10)
     if head == "token":
@@ -408,10 +412,10 @@ def test_every_head(head):
     perturbation = SiFTPerturbation.install(model)
     outputs = model(**batch)
     loss = sift_loss(model, batch, outputs, perturbation,
-                     regression_mode="authors" if head == "regression-authors" else "zero")
+                     regression_mode="zero" if head == "regression-zero" else "authors")
     perturbation.remove()
     assert torch.isfinite(loss)
-    if head == "regression":  # ours: no term for one logit
+    if head == "regression-zero":  # ours: no term for one logit
         assert loss.item() == 0.0 and not loss.requires_grad
     else:
         assert loss.item() > 0
@@ -432,8 +436,8 @@ def test_one_logit_heads_in_the_authors_mode_compare_softmaxes_across_the_batch(
     batch = batch_for(batch=5, num_labels=1) | dict(labels=torch.rand(5))
     perturbation = SiFTPerturbation.install(model)
     outputs = model(**batch)
-    authors = sift_loss(model, batch, outputs, perturbation, regression_mode="authors")
-    ours_ = sift_loss(model, batch, outputs, perturbation)
+    authors = sift_loss(model, batch, outputs, perturbation)  # the default
+    ours_ = sift_loss(model, batch, outputs, perturbation, regression_mode="zero")
     perturbation.remove()
     assert authors.item() == pytest.approx(2 * math.log(5), rel=1e-6)
     assert ours_.item() == 0.0
@@ -478,9 +482,61 @@ def test_sparse_masked_lm_logits_are_paired_position_by_position(fraction):
     handle.remove()
     expected = reference_symmetric_kl(perturbed, clean)[batch["labels"].flatten() != -100].mean()
     torch.testing.assert_close(ours(sparse, batch, delta0, ascent_steps=0).double(), expected, rtol=1e-5, atol=0)
-    # With the ascent (a large step, so that it matters): sparse and dense logits give the same term.
-    torch.testing.assert_close(ours(sparse, batch, delta0, step_size=0.2), ours(dense, batch, delta0, step_size=0.2),
-                               rtol=1e-5, atol=0)
+    # With the ascent (a large step, so that it matters): sparse logits, whose only rows are the labelled positions
+    # (as the authors' head's), give the dense head's term over its items.
+    term = ours(sparse, batch, delta0, step_size=0.2)
+    torch.testing.assert_close(term, ours(dense, batch, delta0, step_size=0.2, average_over="items"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(term, ours(sparse, batch, delta0, step_size=0.2, average_over="items"), rtol=0, atol=0)
+
+
+def padded_token_batch(vocab_size=99):
+    """Token classification as NER labels it: rows of 10, 4 and 7 real tokens (right padding) with 3, 1 and 2 of them
+    labelled."""
+    input_ids, attention_mask = random_batch(vocab_size, batch=3, length=10, pad_row=None)
+    attention_mask = (torch.arange(10) < torch.tensor([[10], [4], [7]])).long()
+    labels = torch.full_like(input_ids, -100)
+    for row, column in [(0, 1), (0, 4), (0, 9), (1, 2), (2, 1), (2, 5)]:
+        labels[row, column] = input_ids[row, column] % 3
+    return dict(input_ids=input_ids * attention_mask, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("average_over", ["positions", "items"])
+def test_token_classification_averages_as_chosen(average_over):
+    """Padded rows, partial labels, dropout off, a large ascent step: the default ("positions") is the authors' term,
+    the ascent summed and the term averaged over every position, padding included (the reference above, unchanged);
+    "items" restricts both to the labelled tokens. Value and every gradient to 1e-5 relative."""
+    torch.manual_seed(0)
+    model = DebertaCustomForTokenClassification(tiny_config(num_labels=3, unpad_inputs=False, **NO_DROPOUT))
+    perturb_parameters(model, scale=0.05)
+    model = model.double().train()
+    batch = padded_token_batch(model.config.vocab_size)
+    delta0 = initial_delta(batch, model.config.hidden_size)
+    settings = {} if average_over == "positions" else dict(average_over="items")
+    value, grads = value_and_gradients(ours(model, batch, delta0, step_size=0.2, **settings), model)
+    rows = None if average_over == "positions" else batch["labels"] != -100
+    expected, expected_grads = value_and_gradients(reference(model, batch, delta0, step_size=0.2, rows=rows), model)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    assert_relative(grads, expected_grads, rtol=1e-5)
+    other = dict(average_over="items") if average_over == "positions" else {}
+    assert not torch.allclose(ours(model, batch, delta0, step_size=0.2, **other), value, rtol=1e-3)
+
+
+def test_positions_mean_weighs_micro_batches_by_their_share_of_labels():
+    """The authors' average under accumulation: with the Trainer's num_items_in_batch, a micro-batch's mean over its
+    positions weighs by its share of the step's labelled tokens (here 2 of 6)."""
+    torch.manual_seed(0)
+    model = DebertaCustomForTokenClassification(tiny_config(num_labels=3, unpad_inputs=False, **NO_DROPOUT)).double()
+    batch = padded_token_batch(model.config.vocab_size)
+    part = {k: v[2:] for k, v in batch.items()}  # the third row: 2 labelled tokens
+    delta0 = initial_delta(part, model.config.hidden_size)
+    alone = ours(model, part, delta0)
+    weighted = ours(model, part | dict(num_items_in_batch=torch.tensor(6)), delta0)
+    torch.testing.assert_close(weighted, alone * 2 / 6, rtol=1e-12, atol=0)
+
+
+def test_average_over_is_checked():
+    with pytest.raises(ValueError, match="average_over must be one of"):
+        SiFTCallback(average_over="tokens")
 
 
 def test_sparse_logits_that_cannot_be_paired_are_refused():

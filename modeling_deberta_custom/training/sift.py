@@ -22,26 +22,31 @@ SiFT perturbs the *normalized* word embeddings, so one perturbation size fits ev
 
 The perturbed passes get the clean pass's arguments, labels included (as run.py passes them). The ascent's `loss_fn`
 is --vat_loss_fn ("symmetric-kl" by default, "kl", "mse"); the final term is always `symmetric_kl` over the last
-dimension of the logits, rows being every other position. Multi-label heads are treated as one softmax over the
+dimension of the logits, rows being every other dimension. Multi-label heads are treated as one softmax over the
 labels. Question answering (start and end logits; not in the original's apps): the ascent sums both, the final term
 averages the two.
 
 Where we depart from the authors' code, on purpose:
 
-* Which rows are averaged. The authors average the term over every row (token classification: every token, padding
-  included). Here the rows are the items of the task loss (loss_terms.py): labelled tokens for token classification
-  and masked-LM, the rows of sequence classification; the sum over them is divided by the Trainer's
-  num_items_in_batch when it passes one, so gradient accumulation gives the large batch's gradient for any labelling
-  (a mean over every position cannot: padding differs between a large batch and its micro-batches). The ascent sums
-  over the same rows. Sequence-level heads, where every row is labelled, get the authors' term exactly.
+* Which rows are averaged, `average_over`. "positions" (the authors', the default): every row the head predicts,
+  so token classification averages over every position, padding included, and the ascent sums over them all (a
+  masked-LM head predicts only at the labelled positions, in the authors' code as in our sparse head). Under
+  gradient accumulation with the Trainer's num_items_in_batch, each micro-batch's mean weighs by its share of the
+  labelled items; no weighting makes a mean over positions that of the large batch, since padding differs between
+  a large batch and its micro-batches. With unpad_inputs (the default) a padding position's logits are the head's
+  bias in every pass: it counts in the mean, adds a constant and no gradient (the authors' padded model computes
+  values there). "items" (ours): the items of the task loss (loss_terms.py), labelled tokens for token
+  classification and masked-LM, the rows of sequence classification, in the ascent too; the sum over them is
+  divided by num_items_in_batch when the Trainer passes it, so gradient accumulation gives the large batch's
+  gradient for any labelling. Sequence-level heads, where every row is labelled, get the same term either way.
 * Masked-LM heads with sparse logits ([K, V] at the labelled positions): the perturbed passes, which get the same
   labels, select the same positions; logits that cannot be paired raise (`align_logits`).
-* One-logit (regression) heads, `regression_mode`. "zero" (ours, the default): no term (the softmax of one logit is
-  1, so a row-wise symmetric KL is identically zero); the perturbed passes are skipped. "authors": what the authors'
-  code computes: their regression head flattens its logits to [B] when given labels, and their symmetric KL then
-  reads them as one row of B classes, a softmax across the batch: a term of 2 ln B when all logits are equal, with a
-  nonzero gradient when they differ. That looks accidental (their STS-B recipes do not use SiFT), and it depends on
-  how a batch is split, so gradient accumulation cannot make it equal to the large batch.
+* One-logit (regression) heads, `regression_mode`. "authors" (the default): what the authors' code computes:
+  their regression head flattens its logits to [B] when given labels, and their symmetric KL then reads them as one
+  row of B classes, a softmax across the batch: a term of 2 ln B when all logits are equal, with a nonzero gradient
+  when they differ. That looks accidental (their STS-B recipes do not use SiFT), and it depends on how a batch is
+  split, so gradient accumulation cannot make it equal to the large batch. "zero" (ours): no term (the softmax of
+  one logit is 1, so a row-wise symmetric KL is identically zero); the perturbed passes are skipped.
 * `SiFTCallback(adv_weight=...)` defaults to 5, the authors' recipes' value (3 for v3-xsmall); their command-line
   default, 0, turns SiFT off.
 
@@ -85,6 +90,7 @@ __all__ = [
     "mse",
     "ASCENT_LOSSES",
     "REGRESSION_MODES",
+    "AVERAGE_OVER",
     "initial_perturbation",
     "ascent_step",
     "SiFTPerturbation",
@@ -129,8 +135,11 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # The ascent step's loss, by the original's --vat_loss_fn names.
 ASCENT_LOSSES = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
-# One-logit heads: "zero" (ours) or "authors" (a softmax across the batch); see the module docstring.
-REGRESSION_MODES = ("zero", "authors")
+# One-logit heads: "authors" (their code: a softmax across the batch) or "zero" (ours); see the module docstring.
+REGRESSION_MODES = ("authors", "zero")
+# Which rows the term averages: "positions" (the authors': every position the head predicts, padding included) or
+# "items" (ours: the task loss's items, exact under gradient accumulation); see the module docstring.
+AVERAGE_OVER = ("positions", "items")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,6 +269,28 @@ def _only_items(logits: torch.Tensor, target: torch.Tensor, items: torch.Tensor 
     return logits if items is None else torch.where(items[..., None], logits, target)
 
 
+def _averaged_rows(labels, shape, average_over: str) -> torch.Tensor | None:
+    """[shape] bool, the rows the term averages; None for every row. "positions": every row the head predicts, but
+    of sparse masked-LM logits only the labelled ones (the rows past them fill a fixed budget; the authors' head
+    has none). "items": the task loss's items."""
+    items = item_mask(labels, shape)
+    sparse = items is not None and len(tuple(shape)) == 1 and labels.dim() == 2
+    return items if average_over == "items" or sparse else None
+
+
+def _positions_mean(values: torch.Tensor, rows: torch.Tensor | None, labels) -> ItemMean:
+    """The authors' average: the mean of per-row `values` over `rows` (every row when None), counted as this
+    micro-batch's labelled items, so that with num_items_in_batch each micro-batch weighs by its share of them."""
+    if rows is None:
+        total, count = values.sum(), values.new_full((), values.numel())  # a fill, not a host-to-device copy
+    else:
+        total, count = torch.where(rows, values, 0).sum(), rows.sum()
+    if not isinstance(labels, torch.Tensor):
+        return ItemMean(total, count)
+    labelled = (labels != -100).sum()
+    return ItemMean(total / count.clamp(min=1) * labelled, labelled)
+
+
 def sift_term(
     model: nn.Module,
     inputs: Mapping,
@@ -270,7 +301,8 @@ def sift_term(
     step_size: float = 1e-4,
     ascent_steps: int = 1,
     delta: torch.Tensor | None = None,
-    regression_mode: str = "zero",
+    regression_mode: str = "authors",
+    average_over: str = "positions",
 ) -> ItemMean:
     """SiFT's adversarial term for one batch as (sum over the task's items, their number); `sift_loss` normalises it.
     Arguments as `sift_loss`."""
@@ -278,6 +310,8 @@ def sift_term(
         raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)} (the original's --vat_loss_fn), got {loss_fn!r}")
     if regression_mode not in REGRESSION_MODES:
         raise ValueError(f"regression_mode must be one of {REGRESSION_MODES}, got {regression_mode!r}")
+    if average_over not in AVERAGE_OVER:
+        raise ValueError(f"average_over must be one of {AVERAGE_OVER}, got {average_over!r}")
     if not perturbation.installed:
         raise RuntimeError("sift_loss needs the SiFTPerturbation hook installed (before the clean forward)")
     labels = inputs.get("labels")
@@ -285,7 +319,7 @@ def sift_term(
     if regression_mode == "zero" and any(c.shape[-1] == 1 for c in clean):
         zero = clean[0].new_zeros((), dtype=torch.promote_types(clean[0].dtype, torch.float32))
         return ItemMean(zero, torch.ones((), dtype=torch.long, device=zero.device))
-    items = [item_mask(labels, c.shape[:-1]) for c in clean]
+    rows = [_averaged_rows(labels, c.shape[:-1], average_over) for c in clean]
     ascent_loss = ASCENT_LOSSES[loss_fn]
 
     def perturbed_logits() -> list[torch.Tensor]:
@@ -300,7 +334,7 @@ def sift_term(
             with _parameters_frozen(model):
                 for _ in range(ascent_steps):
                     divergence = sum(ascent_loss(_only_items(p, c.detach(), m), c.detach()).sum()
-                                     for p, c, m in zip(perturbed_logits(), clean, items, strict=True))
+                                     for p, c, m in zip(perturbed_logits(), clean, rows, strict=True))
                     delta = perturbation.delta
                     if delta is None or not divergence.requires_grad:
                         raise RuntimeError(f"SiFT: the perturbed module {type(perturbation.module).__name__} is not on "
@@ -309,8 +343,10 @@ def sift_term(
                     divergence.backward()
                     perturbation.delta = ascent_step(delta, delta.grad, step_size).requires_grad_()
             perturbed = perturbed_logits()
-        return ItemMean.average([item_mean(symmetric_kl(p, c).view(c.shape[:-1]), labels)
-                                 for p, c in zip(perturbed, clean, strict=True)])
+        values = [symmetric_kl(p, c).view(c.shape[:-1]) for p, c in zip(perturbed, clean, strict=True)]
+        if average_over == "items":
+            return ItemMean.average([item_mean(v, labels) for v in values])
+        return ItemMean.average([_positions_mean(v, m, labels) for v, m in zip(values, rows, strict=True)])
     finally:
         perturbation.adversarial = False
         perturbation.delta = None
@@ -326,7 +362,8 @@ def sift_loss(
     step_size: float = 1e-4,
     ascent_steps: int = 1,
     delta: torch.Tensor | None = None,
-    regression_mode: str = "zero",
+    regression_mode: str = "authors",
+    average_over: str = "positions",
 ) -> torch.Tensor:
     """SiFT's adversarial loss for one batch (a scalar with gradient to the model), as the original computes it:
 
@@ -337,15 +374,17 @@ def sift_loss(
 
     `model` is the module that produced `clean_outputs` from `inputs` through `perturbation` (for
     DistributedDataParallel, the wrapped `.module`: the perturbed passes run inside the step DDP synchronizes); the
-    perturbed passes get the same `inputs`. The value is a mean over the task loss's items (module docstring), or
-    their sum divided by `inputs["num_items_in_batch"]` when present, as the head's own loss. `loss_fn`: the ascent's
+    perturbed passes get the same `inputs`. The value is a mean over every position the head predicts (the authors',
+    `average_over="positions"`) or over the task loss's items (`"items"`), then normalised for gradient accumulation
+    with `inputs["num_items_in_batch"]` when present (module docstring). `loss_fn`: the ascent's
     loss (the original's --vat_loss_fn: "symmetric-kl", "kl" or "mse"); the returned term is always the original's
     `symmetric_kl`. `ascent_steps`: 1 as the original (0 skips the ascent; more repeat it). `delta`: the initial
-    perturbation (default: drawn, see `SiFTPerturbation`). `regression_mode`: one-logit heads, "zero" or "authors"
+    perturbation (default: drawn, see `SiFTPerturbation`). `regression_mode`: one-logit heads, "authors" or "zero"
     (module docstring). The perturbed passes run in the model's mode: in training mode they draw fresh dropout masks.
     """
     term = sift_term(model, inputs, clean_outputs, perturbation, loss_fn=loss_fn, step_size=step_size,
-                     ascent_steps=ascent_steps, delta=delta, regression_mode=regression_mode)
+                     ascent_steps=ascent_steps, delta=delta, regression_mode=regression_mode,
+                     average_over=average_over)
     return term.loss(inputs.get("num_items_in_batch"))
 
 
@@ -362,8 +401,8 @@ class SiFTCallback(LossTermCallback):
     a forward hook on the model that adds `adv_weight * sift_loss(...)` to `outputs.loss` whenever the model runs in
     training mode with gradients and a loss (the perturbed passes are extra passes: no hook acts on them).
     `on_train_end` removes both hooks (call `remove()` yourself if training stops on an exception). No module,
-    parameter or buffer is added: `state_dict` and saving are unchanged. Gradient accumulation is exact (the term is
-    normalised as the task loss, see loss_terms.py); autocast (bf16/fp16), gradient checkpointing and
+    parameter or buffer is added: `state_dict` and saving are unchanged. Gradient accumulation is exact with
+    `average_over="items"` (the term is normalised as the task loss, see loss_terms.py); autocast (bf16/fp16), gradient checkpointing and
     DistributedDataParallel (the hooks sit on the wrapped module) need nothing else. Random draws (delta, dropout)
     come from the global random stream, which the Trainer saves in checkpoints: a resumed run draws as an
     uninterrupted one.
@@ -376,14 +415,16 @@ class SiFTCallback(LossTermCallback):
     docstring), `init_perturbation` (vat_init_perturbation), `step_size` (vat_learning_rate), `loss_fn`
     (vat_loss_fn), `perturbation_clamp` (default 2 * init_perturbation, fixed in the original), `ascent_steps` (1 in
     the original), `eps` (1e-7 in the original), `perturbed_module` (see `find_perturbed_module`),
-    `regression_mode` ("zero" or "authors", for one-logit heads; module docstring).
+    `regression_mode` ("authors" or "zero", for one-logit heads), `average_over` ("positions", the authors', or
+    "items"; module docstring).
     """
 
     log_prefix = "sift_"
 
     def __init__(self, adv_weight: float = 5.0, init_perturbation: float = 1e-2, step_size: float = 1e-4,
                  loss_fn: str = "symmetric-kl", perturbation_clamp: float | None = None, ascent_steps: int = 1,
-                 eps: float = 1e-7, perturbed_module: str | nn.Module | None = None, regression_mode: str = "zero"):
+                 eps: float = 1e-7, perturbed_module: str | nn.Module | None = None, regression_mode: str = "authors",
+                 average_over: str = "positions"):
         super().__init__()
         if ascent_steps < 0:
             raise ValueError(f"ascent_steps must be >= 0, got {ascent_steps}")
@@ -391,10 +432,12 @@ class SiFTCallback(LossTermCallback):
             raise ValueError(f"loss_fn must be one of {list(ASCENT_LOSSES)}, got {loss_fn!r}")
         if regression_mode not in REGRESSION_MODES:
             raise ValueError(f"regression_mode must be one of {REGRESSION_MODES}, got {regression_mode!r}")
+        if average_over not in AVERAGE_OVER:
+            raise ValueError(f"average_over must be one of {AVERAGE_OVER}, got {average_over!r}")
         self.adv_weight = adv_weight
         self.perturbation_settings = dict(eps=eps, init_perturbation=init_perturbation, clamp=perturbation_clamp)
         self.loss_settings = dict(loss_fn=loss_fn, step_size=step_size, ascent_steps=ascent_steps,
-                                  regression_mode=regression_mode)
+                                  regression_mode=regression_mode, average_over=average_over)
         self.perturbed_module = perturbed_module
         self.perturbation: SiFTPerturbation | None = None
 
@@ -416,7 +459,8 @@ class SiFTCallback(LossTermCallback):
             mode = self.loss_settings["regression_mode"]
             self.warn_once("one-logit", "SiFT on a one-logit (regression) head: " + (
                 "no adversarial term (regression_mode='zero', our choice; 'authors' gives the authors' softmax "
-                "across the batch)" if mode == "zero" else "the authors' term, a softmax across the batch"))
+                "across the batch)" if mode == "zero" else "the authors' term, a softmax of the logits across the "
+                "batch (regression_mode='authors', the default; 'zero' for no term)"))
         term = sift_term(module, inputs, outputs, self.perturbation, **self.loss_settings)
         outputs["loss"] = loss + self.adv_weight * term.loss(inputs.get("num_items_in_batch")).to(loss.dtype)
         self.record("loss", term)
