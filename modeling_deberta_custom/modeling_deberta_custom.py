@@ -374,11 +374,14 @@ class DebertaCustomPreTrainedModel(PreTrainedModel):
         super().post_init()
         train_only_read_position_tables(self)
 
-    def set_attn_implementation(self, attn_implementation: str):
-        """Switch attention paths on a live model: the layers read config._attn_implementation at every call."""
+    def set_attn_implementation(self, attn_implementation: str | dict):
+        """Switch attention paths on a live model: the layers read config._attn_implementation at every call. A dict
+        (transformers' per-submodule form) is read at its "" key, the model itself: it has no sub-models."""
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", self.config._attn_implementation)
         if attn_implementation not in ATTENTION_FUNCTIONS:
-            raise ValueError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, "
-                             f"got {attn_implementation!r}")
+            raise ValueError(f'Specified `attn_implementation="{attn_implementation}"` is not supported. The only '
+                             f"possible arguments are {sorted(ATTENTION_FUNCTIONS)}.")
         self.config._attn_implementation = attn_implementation
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -501,11 +504,12 @@ class DebertaCustomModel(DebertaCustomPreTrainedModel):
         self.embeddings.word_embeddings = new_embeddings
 
     def sequence_layout(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                        output_attentions=False, **packing) -> SequenceLayout | None:
+                        output_attentions=None, **packing) -> SequenceLayout | None:
         """How a forward lays out its tokens (padding.py): a SequenceLayout for a packed batch (cu_seq_lens_q with
         max_length_q, seq_idx, or a batch of one whose position_ids restart), or for a padded batch when
         config.unpad_inputs allows it; None for the padded path. At most one host read. Heads that use the layout
         themselves build it here and pass it to forward(sequence_layout=...), so the mask is read once."""
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         reference = input_ids if input_ids is not None else inputs_embeds
         if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
             return None  # forward's input checks name the problem

@@ -129,6 +129,10 @@ def test_set_attn_implementation_switches_to_flex_and_back():
     assert_flex_matches_eager(flex, eager, input_ids, attention_mask)
     eager.set_attn_implementation("eager")
     assert eager.config._attn_implementation == "eager"
+    eager.set_attn_implementation({"": "sdpa"})  # transformers' per-submodule form
+    assert eager.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match='Specified `attn_implementation="foo"` is not supported'):
+        eager.set_attn_implementation("foo")  # transformers' own wording, which its model tests match
 
 
 def test_flex_compiles_once_across_lengths_and_batch_sizes():

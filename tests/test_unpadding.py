@@ -297,6 +297,26 @@ def test_attention_probabilities_come_from_the_padded_path():
     assert output.attentions[0].shape == (3, model.config.num_attention_heads, LENGTH, LENGTH)
 
 
+@pytest.mark.parametrize("head", [DebertaCustomModel, DebertaCustomForMaskedLM, DebertaCustomForSequenceClassification,
+                                  DebertaCustomForTokenClassification, DebertaCustomForQuestionAnswering,
+                                  DebertaCustomForMultipleChoice, DebertaCustomForReplacedTokenDetection],
+                         ids=lambda head: head.__name__)
+def test_output_attentions_set_in_the_config_gives_the_probabilities(head):
+    """config.output_attentions=True and no argument (transformers' own model tests do this): every head returns
+    the layers' probabilities, as with output_attentions=True (the heads used to build an unpadded layout, which
+    has none, and return attentions=None)."""
+    model = make(head)
+    model.set_attn_implementation("eager")  # transformers refuses config.output_attentions with sdpa
+    inputs = inputs_for(model, MASKS["right"])
+    with torch.no_grad():
+        expected = model(**inputs, output_attentions=True).attentions
+        model.config.output_attentions = True
+        actual = model(**inputs).attentions
+    assert actual is not None and len(actual) == model.config.num_hidden_layers
+    for mine, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
 def test_sift_on_unpadded_batches_equals_the_padded_path():
     """SiFT perturbs the normalized embeddings: [T, C] when unpadded. With the padded run's perturbation at the real
     tokens, the adversarial term and its gradients are the padded path's (padding positions are masked there)."""
