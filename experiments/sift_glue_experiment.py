@@ -53,7 +53,7 @@ def run_arguments(args, task: str, arm: str, seed: int, tokenizer: str) -> list[
             "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
             "--output_dir", str(run_directory(Path(args.output_dir), task, arm, seed))]
     if arm == "sift":
-        argv += ["--sift", "--sift_lambda", str(args.sift_lambda)]
+        argv += ["--sift", "--sift_lambda", str(args.sift_lambda), "--sift_regression_mode", args.sift_regression_mode]
     return argv
 
 
@@ -155,6 +155,8 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--arms", nargs="+", default=["base", "sift"], choices=["base", "sift"])
     parser.add_argument("--sift_lambda", type=float, default=5.0)
+    parser.add_argument("--sift_regression_mode", default="authors", choices=["authors", "zero"],
+                        help="STS-B's one-logit head (docs/sift.md); the table of 2026-11-30 ran with zero")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=2, help="Runs at a time (each on one thread).")
